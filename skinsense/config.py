@@ -1,0 +1,162 @@
+"""Typed configuration: one pydantic model per stage, composed into `PipelineConfig`.
+
+The same models are the Prefect flow's parameters (the UI renders them as a form) and the
+arguments of every `run(cfg)`-style entry point, so there is one config system.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
+HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
+DEFAULT_ARCHS = ("efficientnet_b0", "efficientnet_b3", "maxvit_t")
+
+
+def skinsense_home() -> Path:
+    """The root of everything a run keeps: `$SKINSENSE_HOME`, else `./skinsense_home`."""
+    return Path(os.environ.get("SKINSENSE_HOME", "skinsense_home")).expanduser().resolve()
+
+
+class _Strict(BaseModel):
+    # Unknown keys are a typo in a form or a CLI flag, never something to ignore silently.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where HAM10000 comes from and how it is split, oversampled and cached."""
+
+    source: str = Field(
+        "dataverse",
+        description="'dataverse' to download from Harvard Dataverse, or a path to a folder or "
+        "zip laid out like the Dataverse files or the Kaggle copy.",
+    )
+    dataverse_url: str = Field(
+        default_factory=lambda: os.environ.get("SKINSENSE_DATAVERSE_URL", DEFAULT_DATAVERSE_URL),
+        description="Base URL of the Dataverse installation (env SKINSENSE_DATAVERSE_URL).",
+    )
+    doi: str = Field(HAM10000_DOI, description="Persistent id of the HAM10000 dataset.")
+    include_isic_test: bool = Field(
+        False, description="Also fetch the official ISIC 2018 Task 3 test images and labels."
+    )
+    isic_test_as_test: bool = Field(
+        False,
+        description="Use the official ISIC 2018 Task 3 test set as the test part "
+        "(HAM10000 is then split into train and val only).",
+    )
+    split_seed: int = Field(42, description="Seed of the lesion-level split.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    train_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Keep this fraction of each class of the training part (quick experiments).",
+    )
+    # 1% tolerates the odd unreadable file of a real download; more means a broken source.
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Fail when more than this fraction of images is unreadable."
+    )
+    oversample: bool = Field(True, description="Oversample minority classes of the training part.")
+    oversample_target: int | None = Field(
+        None,
+        ge=1,
+        description="Images per class after oversampling; empty means the largest class's count.",
+    )
+    # Three copies keep the model from memorising a few rare lesions (df has 115 images).
+    max_copies_per_image: int = Field(3, ge=0, le=20)
+    color_jitter: bool = Field(False, description="Add colour jitter to oversampled copies.")
+    class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
+    cache_workers: int | None = Field(
+        None, ge=1, description="Worker processes for the image cache; empty means all cores."
+    )
+    refresh: bool = Field(False, description="Download and rebuild everything, ignoring caches.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        if self.isic_test_as_test and not self.include_isic_test:
+            self.include_isic_test = True
+        return self
+
+
+class TrainConfig(_Strict):
+    """How each architecture is fine-tuned."""
+
+    archs: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ARCHS),
+        min_length=1,
+        description="torchvision architectures to train, e.g. efficientnet_b0, maxvit_t.",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        le=1024,
+        description="Input size for every architecture; empty means each one's default.",
+    )
+    epochs: int = Field(10, ge=1, le=500)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(3e-4, gt=0, lt=1)
+    # AdamW with decoupled weight decay; 0.05 is the usual fine-tuning value for these nets.
+    weight_decay: float = Field(0.05, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    pretrained: bool = Field(
+        True, description="Start from ImageNet weights (needs them cached or downloadable)."
+    )
+    weights_path: str | None = Field(None, description="Local file of pretrained weights.")
+    seed: int = Field(0)
+    num_workers: int = Field(2, ge=0, le=64)
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    devices: int = Field(1, ge=1)
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: list[str]) -> list[str]:
+        from skinsense.models import available_archs
+
+        known = set(available_archs())
+        unknown = [a for a in archs if a not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown architecture(s) {unknown}; choose torchvision classification models "
+                f"such as {', '.join(DEFAULT_ARCHS)}"
+            )
+        if len(set(archs)) != len(archs):
+            raise ValueError(f"architectures listed twice: {archs}")
+        return archs
+
+
+class EvalConfig(_Strict):
+    """How candidates are compared and promoted."""
+
+    metric: Literal["balanced_accuracy", "accuracy", "macro_f1"] = "balanced_accuracy"
+    min_delta: float = Field(
+        0.0, ge=0, description="Promote only when better than the champion by more than this."
+    )
+    batch_size: int = Field(64, ge=1)
+
+
+class ServeConfig(_Strict):
+    """The app the last step deploys."""
+
+    deploy: bool = Field(True, description="Start or refresh the app when the run ends.")
+    model_name: str = Field("skinsense", min_length=1)
+    host: str = Field("127.0.0.1", description="Interface to bind; loopback unless asked.")
+    port: int = Field(7860, ge=1, le=65535)
+    # Cold start of torch + gradio takes ~20 s on 2 cores; leave room for a slow machine.
+    startup_timeout_s: float = Field(180.0, gt=0)
+
+
+class PipelineConfig(_Strict):
+    """Everything the `skinsense-pipeline` flow needs; Prefect renders it as a form."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    experiment: str = Field("skinsense", min_length=1, description="MLflow experiment name.")
