@@ -105,6 +105,9 @@ class TrainConfig(_Strict):
     # AdamW with decoupled weight decay; 0.05 is the usual fine-tuning value for these nets.
     weight_decay: float = Field(0.05, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    early_stopping_patience: int = Field(
+        5, ge=1, description="Stop after this many epochs without a better val balanced accuracy."
+    )
     pretrained: bool = Field(
         True, description="Start from ImageNet weights (needs them cached or downloadable)."
     )

@@ -1,0 +1,81 @@
+"""The model folder: what every checkpoint and registered model carries to be used again.
+
+A model folder holds `weights.safetensors` (a plain state dict: loading it can never run
+code) and `model_card.json` (architecture, class codes in order, input size, normalization,
+metrics, dataset fingerprint, the resolved config). The app rebuilds itself from that alone.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from skinsense import __version__
+from skinsense.labels import CLASS_CODES, CLASSES
+from skinsense.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "model_card.json"
+
+
+class ModelCard(BaseModel):
+    """Everything needed to rebuild, preprocess for and judge a trained model."""
+
+    arch: str
+    class_codes: list[str] = Field(default_factory=lambda: list(CLASS_CODES))
+    class_names: list[str] = Field(default_factory=lambda: [c.name for c in CLASSES])
+    image_size: int
+    mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD))
+    metrics: dict[str, float] = Field(default_factory=dict)
+    dataset_fingerprint: str = ""
+    split_seed: int | None = None
+    trained_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    config: dict[str, Any] = Field(default_factory=dict)
+    skinsense_version: str = __version__
+
+
+def save_model_dir(model: nn.Module, card: ModelCard, out_dir: Path) -> Path:
+    """Write weights and card into `out_dir` (created), returning it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE))
+    return save_card(card, out_dir)
+
+
+def save_card(card: ModelCard, model_dir: Path) -> Path:
+    """Write (or update) the card of a model folder atomically."""
+    tmp = Path(model_dir) / f".{CARD_FILE}.tmp"
+    tmp.write_text(card.model_dump_json(indent=2))
+    tmp.replace(Path(model_dir) / CARD_FILE)
+    return Path(model_dir)
+
+
+def load_card(model_dir: Path) -> ModelCard:
+    """Read a model folder's card, with a clear error when it is not a model folder."""
+    card_path = Path(model_dir) / CARD_FILE
+    if not card_path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a SkinSense model folder: {CARD_FILE} is missing"
+        )
+    return ModelCard.model_validate(json.loads(card_path.read_text()))
+
+
+def load_model_dir(model_dir: Path) -> tuple[nn.Module, ModelCard]:
+    """Rebuild the model of a model folder in eval mode on the CPU."""
+    card = load_card(model_dir)
+    if card.class_codes != list(CLASS_CODES):
+        raise ValueError(
+            f"model in {model_dir} predicts classes {card.class_codes}, this SkinSense "
+            f"expects {list(CLASS_CODES)}"
+        )
+    model = build_model(card.arch, image_size=card.image_size, num_classes=len(card.class_codes))
+    state = load_file(str(Path(model_dir) / WEIGHTS_FILE))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), card
