@@ -1,0 +1,178 @@
+"""The `skinsense` command. Argument parsing lives here and only here.
+
+`skinsense pipeline` runs the Prefect flow of the top-level `flows` package; it is imported
+only when that command runs, so `skinsense` itself never imports prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _csv_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from skinsense.data.synth import make_synthetic_ham10000
+
+    out = make_synthetic_ham10000(Path(args.out), n_images=args.images, seed=args.seed,
+                                  isic_test_images=args.isic_test_images)
+    print(f"wrote a synthetic HAM10000-format sample of {args.images} images to {out}")
+    return 0
+
+
+def _data_config(args: argparse.Namespace):
+    from skinsense.config import DataConfig
+
+    fields = {"source": args.source, "include_isic_test": args.isic_test, "refresh": args.refresh}
+    if getattr(args, "dataverse_url", None):
+        fields["dataverse_url"] = args.dataverse_url
+    return DataConfig(**fields)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from skinsense import stages
+    from skinsense.paths import Home
+
+    home = Home.default()
+    fetched = stages.fetch_data(_data_config(args), home)
+    validated = stages.validate_data(fetched, _data_config(args), home)
+    print(f"metadata: {fetched.metadata_csv}\nimages:   {fetched.images_dir}")
+    print(f"validated {validated.n_images} images ({validated.n_bad} left out), "
+          f"fingerprint {validated.fingerprint[:16]}, manifest {validated.manifest_csv}")
+    for line in validated.bad_images[:20]:
+        print(f"  left out: {line}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from skinsense.data.split import write_split
+
+    counts = write_split(Path(args.metadata), Path(args.out), seed=args.seed,
+                         val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    for part, n in counts.items():
+        print(f"{part}: {n} images")
+    print(f"wrote train.csv, val.csv, test.csv to {args.out}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from skinsense.config import PipelineConfig
+
+    cfg = {"data": {"source": args.data_source}, "train": {}, "serve": {"deploy": not args.no_deploy}}
+    if args.archs:
+        cfg["train"]["archs"] = _csv_list(args.archs)
+    for name in ("epochs", "image_size", "batch_size"):
+        if getattr(args, name) is not None:
+            cfg["train"][name] = getattr(args, name)
+    if args.no_pretrained:
+        cfg["train"]["pretrained"] = False
+    if args.weights:
+        cfg["train"]["weights_path"] = args.weights
+    if args.port is not None:
+        cfg["serve"]["port"] = args.port
+    if args.config:
+        cfg = _deep_merge(json.loads(Path(args.config).read_text()), cfg)
+    config = PipelineConfig.model_validate(cfg)
+    flows = importlib.import_module("flows.pipeline")
+    result = flows.run_pipeline(config)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from skinsense import tracking
+    from skinsense.paths import Home
+    from skinsense.serving.app import serve
+
+    tracking.configure(Home.default())
+    serve(args.model_uri, host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinsense",
+        description="Train, register and serve a HAM10000 skin-lesion classifier. "
+        "All state lives under $SKINSENSE_HOME (default ./skinsense_home); MLflow at "
+        "$MLFLOW_TRACKING_URI when set.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic HAM10000-format sample")
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--images", type=int, default=10015)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isic-test-images", type=int, default=0,
+                   help="also write an ISIC 2018 Task 3 style test set of this many images")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("fetch", help="download (or read) and validate HAM10000")
+    p.add_argument("--source", default="dataverse", help="'dataverse' or a local folder/zip")
+    p.add_argument("--dataverse-url", help="Dataverse base URL (env SKINSENSE_DATAVERSE_URL)")
+    p.add_argument("--isic-test", action="store_true", help="also fetch the ISIC 2018 test set")
+    p.add_argument("--refresh", action="store_true", help="verify and extract everything again")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("split", help="lesion-level train/val/test split of a metadata CSV")
+    p.add_argument("--metadata", required=True, help="HAM10000_metadata.csv")
+    p.add_argument("--out", required=True, help="folder for train.csv, val.csv, test.csv")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("pipeline", help="run the whole Prefect flow")
+    p.add_argument("--data-source", default="dataverse", help="'dataverse' or a local path")
+    p.add_argument("--archs", help="comma-separated, default efficientnet_b0,efficientnet_b3,maxvit_t")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--image-size", type=int, help="one input size for every architecture")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    p.add_argument("--weights", help="local file with ImageNet weights for the architecture")
+    p.add_argument("--port", type=int, help="port of the deployed app (default 7860)")
+    p.add_argument("--no-deploy", action="store_true", help="do not start the app at the end")
+    p.add_argument("--config", help="JSON file with a full PipelineConfig (flags override it)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("serve", help="serve the Gradio app")
+    p.add_argument("--model-uri", default="models:/skinsense@champion",
+                   help="registered model URI or an exported model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        print(f"skinsense {args.command}: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"skinsense {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""One entry point per pipeline stage, usable without Prefect.
+
+Each function takes configs and small records, does its stage with the library modules, and
+returns a small record (paths, ids, metrics). The Prefect tasks in `tasks/` are thin wrappers
+around these; the CLI calls them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from skinsense.config import DataConfig, EvalConfig, PipelineConfig, ServeConfig
+from skinsense.data.records import (
+    FetchedData,
+    ImageCache,
+    OversampledData,
+    SplitData,
+    ValidatedData,
+)
+from skinsense.models import check_image_size, default_image_size
+from skinsense.paths import Home
+
+
+class Candidate(BaseModel):
+    """A trained and evaluated architecture."""
+
+    arch: str
+    model_dir: Path
+    run_id: str
+    image_size: int
+    test_metrics: dict[str, float]
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fetch_data(cfg: DataConfig, home: Home, *, progress: bool = True) -> FetchedData:
+    """Download HAM10000 or read it from a local copy (see `skinsense.data.sources`)."""
+    from skinsense.data.sources import fetch
+
+    return fetch(cfg, home.ensure(), progress=progress)
+
+
+def validate_data(fetched: FetchedData, cfg: DataConfig, home: Home) -> ValidatedData:
+    """Check metadata and every image; bad images are reported and left out."""
+    from skinsense.data.metadata import validate
+
+    out_dir = home.datasets / f"validated-{_digest(fetched.model_dump(mode='json'))[:12]}"
+    return validate(fetched, out_dir=out_dir, max_bad_fraction=cfg.max_bad_fraction,
+                    workers=cfg.cache_workers)
+
+
+def split_data(validated: ValidatedData, cfg: DataConfig, home: Home) -> SplitData:
+    """Lesion-level, dx-stratified train/val/test split."""
+    from skinsense.data.split import run_split
+
+    key = _digest(validated.fingerprint, cfg.split_seed, cfg.val_fraction, cfg.test_fraction,
+                  cfg.train_fraction, cfg.isic_test_as_test)
+    return run_split(validated, cfg, home.datasets / validated.fingerprint[:16] / f"split-{key[:12]}")
+
+
+def oversample_data(split: SplitData, cfg: DataConfig, home: Home) -> OversampledData:
+    """Oversample the minority classes of the training part (never val or test)."""
+    from skinsense.data.oversample import run_oversample
+
+    key = _digest(split.train_csv, cfg.oversample, cfg.oversample_target,
+                  cfg.max_copies_per_image, cfg.color_jitter, cfg.class_weights)
+    return run_oversample(split, cfg, split.train_csv.parent / f"oversampled-{key[:12]}")
+
+
+def image_sizes(cfg: PipelineConfig) -> dict[str, int]:
+    """The input size of each requested architecture (checked against what it accepts)."""
+    sizes = {}
+    for arch in cfg.train.archs:
+        size = cfg.train.image_size or default_image_size(arch)
+        check_image_size(arch, size)
+        sizes[arch] = size
+    return sizes
+
+
+def cache_images(split: SplitData, oversampled: OversampledData, size: int, cfg: DataConfig,
+                 home: Home) -> ImageCache:
+    """Decode every image of the three parts once, at `size` px, into uint8 arrays."""
+    from skinsense.data.cache import build_image_cache
+
+    # The key covers the data and exactly which images are in each part.
+    key = _digest(split.fingerprint, str(oversampled.train_csv), str(split.val_csv),
+                  str(split.test_csv))
+    return build_image_cache(oversampled.train_csv, split.val_csv, split.test_csv, size=size,
+                             fingerprint=key, cache_root=home.cache, workers=cfg.cache_workers)
+
+
+def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str]) -> str:
+    """Create the MLflow parent run of a pipeline run; returns its id."""
+    from skinsense import tracking
+
+    tracking.configure(home)
+    experiment_id = tracking.ensure_experiment(cfg.experiment, home)
+    return tracking.start_parent_run(experiment_id, config=cfg.model_dump(mode="json"), tags=tags)
+
+
+def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Home, *,
+                       class_weights: list[float] | None, parent_run_id: str,
+                       fingerprint: str) -> tuple[str, Path]:
+    """Fine-tune one architecture in a nested MLflow run; returns (run id, model folder)."""
+    from skinsense import tracking
+    from skinsense.training.loop import fit
+
+    tracking.configure(home)
+    run_id = tracking.start_child_run(
+        parent_run_id, name=arch, config={"arch": arch, "image_size": cache.size,
+                                          **cfg.train.model_dump(mode="json")},
+        tags={"dataset_fingerprint": fingerprint, "split_seed": str(cfg.data.split_seed)})
+    out_dir = home.runs / _digest(cache.key, arch, cfg.train.model_dump(mode="json"))[:16]
+    try:
+        result = fit(cache, arch, cfg.train, out_dir=out_dir, class_weights=class_weights,
+                     card_extra={"dataset_fingerprint": fingerprint,
+                                 "split_seed": cfg.data.split_seed,
+                                 "config": cfg.model_dump(mode="json")},
+                     on_epoch_end=lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch))
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.log_metrics(run_id, {"best_epoch": result.best_epoch,
+                                  "best_val_balanced_accuracy": result.best_val_balanced_accuracy})
+    return run_id, result.model_dir
+
+
+def evaluate_architecture(model_dir: Path, cache: ImageCache, run_id: str, cfg: EvalConfig,
+                          home: Home) -> Candidate:
+    """Evaluate on the held-out test part and log the metrics to the architecture's run."""
+    from skinsense import tracking
+    from skinsense.evaluation import evaluate_model_dir
+    from skinsense.packaging import load_card, save_card
+
+    tracking.configure(home)
+    result = evaluate_model_dir(model_dir, cache.test, out_dir=model_dir.parent / "evaluation",
+                                batch_size=cfg.batch_size)
+    card = load_card(model_dir)
+    card.metrics |= {f"test_{k}": v for k, v in result.metrics.items()}
+    save_card(card, model_dir)
+    tracking.log_metrics(run_id, result.metrics, prefix="test_")
+    tracking.log_artifact(run_id, result.report_json, "evaluation")
+    tracking.end_run(run_id)
+    return Candidate(arch=card.arch, model_dir=model_dir, run_id=run_id, image_size=card.image_size,
+                     test_metrics=result.metrics)
+
+
+def select_best(candidates: list[Candidate], metric: str) -> Candidate:
+    """The candidate with the highest test `metric` (first listed wins ties)."""
+    if not candidates:
+        raise ValueError("no trained candidates to choose from")
+    return max(candidates, key=lambda c: c.test_metrics[metric])
+
+
+def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: PipelineConfig,
+                         home: Home, *, test_key: str, parent_run_id: str):
+    """Register the best candidate as `challenger`; promote it to `champion` if better."""
+    from skinsense import registry, tracking
+    from skinsense.evaluation import evaluate_model_dir
+    from skinsense.packaging import load_card
+
+    tracking.configure(home)
+    metric = cfg.eval.metric
+    version = registry.register_candidate(
+        best.model_dir, run_id=best.run_id, model_name=cfg.serve.model_name, metric=metric,
+        score=best.test_metrics[metric], tags={"test_key": test_key, "run_id": best.run_id})
+
+    def score_champion(model_dir: Path) -> float:
+        size = load_card(model_dir).image_size
+        if size not in caches:
+            raise ValueError(f"the champion takes {size} px inputs; no test cache at that size")
+        result = evaluate_model_dir(model_dir, caches[size].test,
+                                    out_dir=home.runs / "champion-reevaluation")
+        return result.metrics[metric]
+
+    decision = registry.promote_if_better(
+        cfg.serve.model_name, version, metric=metric, challenger_score=best.test_metrics[metric],
+        min_delta=cfg.eval.min_delta, test_key=test_key, score_champion=score_champion)
+    tracking.log_params(parent_run_id, {"promotion": {"version": version,
+                                                      "promoted": decision.promoted,
+                                                      "reason": decision.reason}})
+    return decision
+
+
+def finish_pipeline_run(parent_run_id: str, home: Home, candidates: list[Candidate],
+                        *, failed: bool = False) -> None:
+    """Log each candidate's test metrics on the parent run and close it."""
+    from skinsense import tracking
+
+    tracking.configure(home)
+    for c in candidates:
+        tracking.log_metrics(parent_run_id, c.test_metrics, prefix=f"{c.arch}.test_")
+    tracking.end_run(parent_run_id, "FAILED" if failed else "FINISHED")
+
+
+def deploy_champion(cfg: ServeConfig, home: Home, *, expected_version: str | None):
+    """Start (or restart) the app serving the champion and prove it answers."""
+    from skinsense import tracking
+    from skinsense.serving.deploy import deploy_app
+
+    uri = tracking.configure(home)
+    return deploy_app(f"models:/{cfg.model_name}@champion", expected_version=expected_version,
+                      app_dir=home.app, host=cfg.host, port=cfg.port,
+                      env={"MLFLOW_TRACKING_URI": uri, "SKINSENSE_HOME": str(home.root)},
+                      startup_timeout_s=cfg.startup_timeout_s)

@@ -1,0 +1,121 @@
+"""MLflow logging: where the tracking store is, parent and child runs, params and metrics.
+
+Without `MLFLOW_TRACKING_URI` SkinSense uses an embedded store under SKINSENSE_HOME
+(`sqlite:///.../mlflow/mlflow.db` with artifacts in `.../mlflow/artifacts`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from skinsense.paths import Home
+
+
+def tracking_uri(home: Home) -> str:
+    """`$MLFLOW_TRACKING_URI`, else the embedded SQLite store under `home`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{home.mlflow / 'mlflow.db'}"
+
+
+def configure(home: Home) -> str:
+    """Point this process's MLflow at the project's store; returns the URI."""
+    home.mlflow.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(home)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, home: Home) -> str:
+    """The experiment's id, created with its artifacts under `home` when the store is local."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri(home).startswith("sqlite:"):
+        # The SQLite store's default artifact root is ./mlruns of whatever cwd the process has.
+        location = (home.mlflow / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'train.lr': '0.0003', ...}, values cut to MLflow's 6000-char limit."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten_params(value, prefix=f"{name}.")
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_parent_run(experiment_id: str, *, config: dict[str, Any], tags: dict[str, str]) -> str:
+    """Create the pipeline's parent run (left open; `end_run` closes it)."""
+    client = MlflowClient()
+    run = client.create_run(experiment_id, tags={"skinsense.kind": "pipeline",
+                                                 "git_commit": git_commit(), **tags},
+                            run_name=tags.get("mlflow.runName"))
+    log_params(run.info.run_id, config)
+    return run.info.run_id
+
+
+def start_child_run(parent_run_id: str, *, name: str, config: dict[str, Any],
+                    tags: dict[str, str]) -> str:
+    """A nested run (one per architecture) under the pipeline's parent run."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=name, tags={
+        "mlflow.parentRunId": parent_run_id, "skinsense.kind": "architecture",
+        "git_commit": git_commit(), **tags})
+    log_params(run.info.run_id, config)
+    return run.info.run_id
+
+
+def log_params(run_id: str, config: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in flatten_params(config).items():
+        client.log_param(run_id, key, value)
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], *, step: int | None = None,
+                prefix: str = "") -> None:
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, f"{prefix}{key}", float(value), step=step or 0)
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def run_url(run_id: str) -> str:
+    """A link to the run in the MLflow UI when the store is a server, else the run id."""
+    uri = mlflow.get_tracking_uri()
+    run = MlflowClient().get_run(run_id)
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {uri}"

@@ -1,0 +1,1 @@
+"""Fine-tuning with Lightning Fabric. Imports only torch, torchvision, lightning, numpy."""

@@ -1,0 +1,49 @@
+"""Prefect tasks of the data stage: thin wrappers around `skinsense.stages`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from skinsense import stages
+from skinsense.config import DataConfig, PipelineConfig
+from skinsense.data.records import (
+    FetchedData,
+    ImageCache,
+    OversampledData,
+    SplitData,
+    ValidatedData,
+)
+from skinsense.paths import Home
+
+
+@task(name="fetch", retries=2, retry_delay_seconds=[10, 60])
+def fetch(cfg: DataConfig, home: Path) -> FetchedData:
+    return stages.fetch_data(cfg, Home(home), progress=False)
+
+
+@task(name="validate")
+def validate(fetched: FetchedData, cfg: DataConfig, home: Path) -> ValidatedData:
+    return stages.validate_data(fetched, cfg, Home(home))
+
+
+@task(name="split")
+def split(validated: ValidatedData, cfg: DataConfig, home: Path) -> SplitData:
+    return stages.split_data(validated, cfg, Home(home))
+
+
+@task(name="oversample")
+def oversample(split_data: SplitData, cfg: DataConfig, home: Path) -> OversampledData:
+    return stages.oversample_data(split_data, cfg, Home(home))
+
+
+@task(name="image-sizes")
+def image_sizes(cfg: PipelineConfig) -> dict[str, int]:
+    return stages.image_sizes(cfg)
+
+
+@task(name="cache-images", task_run_name="cache-images-{size}px")
+def cache_images(split_data: SplitData, oversampled: OversampledData, size: int,
+                 cfg: DataConfig, home: Path) -> ImageCache:
+    return stages.cache_images(split_data, oversampled, size, cfg, Home(home))

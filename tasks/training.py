@@ -1,0 +1,42 @@
+"""Prefect tasks that train, evaluate and choose among architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from skinsense import stages
+from skinsense.config import EvalConfig, PipelineConfig
+from skinsense.data.records import ImageCache
+from skinsense.paths import Home
+
+
+@task(name="start-mlflow-run")
+def start_run(cfg: PipelineConfig, home: Path, tags: dict[str, str]) -> str:
+    return stages.start_pipeline_run(cfg, Home(home), tags=tags)
+
+
+@task(name="train", task_run_name="train-{arch}")
+def train(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Path,
+          class_weights: list[float] | None, parent_run_id: str,
+          fingerprint: str) -> tuple[str, Path]:
+    return stages.train_architecture(cache, arch, cfg, Home(home), class_weights=class_weights,
+                                     parent_run_id=parent_run_id, fingerprint=fingerprint)
+
+
+@task(name="evaluate", task_run_name="evaluate-{run_id}")
+def evaluate(model_dir: Path, cache: ImageCache, run_id: str, cfg: EvalConfig,
+             home: Path) -> stages.Candidate:
+    return stages.evaluate_architecture(model_dir, cache, run_id, cfg, Home(home))
+
+
+@task(name="select-best")
+def select_best(candidates: list[stages.Candidate], metric: str) -> stages.Candidate:
+    return stages.select_best(candidates, metric)
+
+
+@task(name="finish-mlflow-run")
+def finish_run(parent_run_id: str, home: Path, candidates: list[stages.Candidate],
+               failed: bool = False) -> None:
+    stages.finish_pipeline_run(parent_run_id, Home(home), candidates, failed=failed)
