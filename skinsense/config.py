@@ -74,7 +74,9 @@ class DataConfig(_Strict):
     cache_workers: int | None = Field(
         None, ge=1, description="Worker processes for the image cache; empty means all cores."
     )
-    refresh: bool = Field(False, description="Download and rebuild everything, ignoring caches.")
+    refresh: bool = Field(
+        False, description="Re-verify downloads (MD5) and rebuild extracted images and caches."
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:

@@ -19,7 +19,7 @@ SOURCE_IMAGE_COLUMN = "source_image_id"   # for an oversampled copy: the image i
 
 
 class FetchedData(BaseModel):
-    """HAM10000 on local disk, as `skinsense.data.fetch` leaves it."""
+    """HAM10000 on local disk, as `skinsense.data.sources.fetch` leaves it."""
 
     source: str                      # 'dataverse', or the local path it came from
     metadata_csv: Path               # the original HAM10000 metadata CSV
