@@ -56,10 +56,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from skinsense.data.split import write_split
 
-    counts = write_split(Path(args.metadata), Path(args.out), seed=args.seed,
-                         val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-    for part, n in counts.items():
-        print(f"{part}: {n} images")
+    split = write_split(Path(args.metadata), Path(args.out), seed=args.seed,
+                        val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    for part, counts in split.class_counts.items():
+        print(f"{part}: {sum(counts.values())} images " +
+              " ".join(f"{code}={n}" for code, n in counts.items()))
     print(f"wrote train.csv, val.csv, test.csv to {args.out}")
     return 0
 

@@ -75,7 +75,7 @@ class DataConfig(_Strict):
         None, ge=1, description="Worker processes for the image cache; empty means all cores."
     )
     refresh: bool = Field(
-        False, description="Re-verify downloads (MD5) and rebuild extracted images and caches."
+        False, description="Re-verify downloads (MD5) and extract the images again."
     )
 
     @model_validator(mode="after")
