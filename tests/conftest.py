@@ -1,0 +1,60 @@
+"""Shared fixtures: one Prefect test harness for the whole run, isolated SKINSENSE_HOME."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+# Offline machines: no telemetry, no update checks, quiet Gradio.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test (starting one takes ~15 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh SKINSENSE_HOME, with MLflow's embedded store inside it."""
+    from skinsense.paths import Home
+
+    root = tmp_path / "home"
+    monkeypatch.setenv("SKINSENSE_HOME", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Home(root).ensure()
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_rng():
+    """Tests must not change the global torch RNG state others see."""
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.fixture(scope="session")
+def synthetic_sample(tmp_path_factory):
+    """A small synthetic HAM10000-format sample with the Dataverse file names."""
+    from skinsense.data.synth import make_synthetic_ham10000
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic_ham10000(out, n_images=240, seed=3, image_size=(120, 90))
+    return out
