@@ -18,7 +18,11 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from skinsense.packaging import load_card
-from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
+from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT
+
+# Models from code: MLflow stores this file, not a cloudpickle of an object, so loading a
+# registered model never unpickles code.
+PYFUNC_CODE = Path(__file__).parent / "serving" / "pyfunc_model.py"
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -47,10 +51,11 @@ def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=SkinSensePyfunc(),
+            python_model=str(PYFUNC_CODE),
             artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
             registered_model_name=model_name,
             metadata={"model_card": card.model_dump(mode="json")},
+            signature=_signature(),
             pip_requirements=_pip_requirements(),
         )
     version = str(info.registered_model_version)
@@ -130,6 +135,16 @@ def promote_if_better(
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     return decision
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from skinsense.labels import CLASS_CODES
+
+    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                          outputs=Schema([ColSpec("double", code) for code in CLASS_CODES]))
 
 
 def _pip_requirements() -> list[str]:

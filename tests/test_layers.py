@@ -1,0 +1,45 @@
+"""The layers of DESIGN.md hold: skinsense never imports prefect; data and training code import
+without prefect, mlflow and gradio (the GPU benchmark machine has none of them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def modules_after_import(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    return {name.split(".")[0] for name in out.stdout.split()}
+
+
+@pytest.mark.parametrize("module", [
+    "skinsense.data.sources", "skinsense.data.metadata", "skinsense.data.split",
+    "skinsense.data.oversample", "skinsense.data.cache", "skinsense.data.synth",
+    "skinsense.data.datasets", "skinsense.training.loop", "skinsense.models",
+    "skinsense.presets", "skinsense.packaging",
+])
+def test_data_and_training_need_no_orchestration_libraries(module):
+    loaded = modules_after_import(f"import {module}")
+    assert not loaded & {"prefect", "mlflow", "gradio"}, module
+
+
+def test_skinsense_never_imports_prefect():
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "skinsense").rglob("*.py")
+                 if "import prefect" in p.read_text() or "from prefect" in p.read_text()]
+    assert offenders == []
+    loaded = modules_after_import("import skinsense.cli, skinsense.stages, skinsense.serving.app")
+    assert "prefect" not in loaded
+
+
+def test_tasks_are_thin():
+    for path in (ROOT / "tasks").glob("*.py"):
+        for block in path.read_text().split("@task")[1:]:
+            body = [line for line in block.splitlines() if line.strip()]
+            assert len(body) <= 30, f"a task in {path.name} is {len(body)} lines"
