@@ -58,3 +58,19 @@ def synthetic_sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     make_synthetic_ham10000(out, n_images=240, seed=3, image_size=(120, 90))
     return out
+
+
+@pytest.fixture(scope="session")
+def cached_sample(synthetic_sample, tmp_path_factory):
+    """The synthetic sample taken through the data stages and cached at 32 px."""
+    from skinsense import stages
+    from skinsense.config import DataConfig
+    from skinsense.paths import Home
+
+    home = Home(tmp_path_factory.mktemp("cached-home")).ensure()
+    cfg = DataConfig(source=str(synthetic_sample), cache_workers=2)
+    validated = stages.validate_data(stages.fetch_data(cfg, home, progress=False), cfg, home)
+    split = stages.split_data(validated, cfg, home)
+    oversampled = stages.oversample_data(split, cfg, home)
+    cache = stages.cache_images(split, oversampled, 32, cfg, home)
+    return cache, oversampled
