@@ -135,6 +135,14 @@ class TrainConfig(_Strict):
             raise ValueError(f"architectures listed twice: {archs}")
         return archs
 
+    @model_validator(mode="after")
+    def _sizes_fit_the_archs(self) -> TrainConfig:
+        from skinsense.models import check_image_size, default_image_size
+
+        for arch in self.archs:
+            check_image_size(arch, self.image_size or default_image_size(arch))
+        return self
+
 
 class EvalConfig(_Strict):
     """How candidates are compared and promoted."""

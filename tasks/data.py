@@ -8,6 +8,7 @@ from prefect import task
 
 from skinsense import stages
 from skinsense.config import DataConfig, PipelineConfig
+from skinsense.data.dataverse import is_transient
 from skinsense.data.records import (
     FetchedData,
     ImageCache,
@@ -18,7 +19,13 @@ from skinsense.data.records import (
 from skinsense.paths import Home
 
 
-@task(name="fetch", retries=2, retry_delay_seconds=[10, 60])
+def _network_failure(task, task_run, state) -> bool:
+    """Retry a fetch only when the network failed; a wrong path fails at once."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+# The client already retries each request with backoff; these retries outlast an outage.
+@task(name="fetch", retries=2, retry_delay_seconds=[60, 300], retry_condition_fn=_network_failure)
 def fetch(cfg: DataConfig, home: Path) -> FetchedData:
     return stages.fetch_data(cfg, Home(home), progress=False)
 

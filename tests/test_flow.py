@@ -49,3 +49,38 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
     finally:
         stop_app(home.app)
     assert health(f"http://127.0.0.1:{free_port}") is None
+
+
+def test_bad_parameters_are_rejected_before_anything_runs(prefect_harness, home):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import skinsense_pipeline
+
+    with pytest.raises(ParameterTypeError, match="epochs"):
+        skinsense_pipeline(config={"train": {"epochs": 0}})
+    assert not any(home.downloads.iterdir())
+
+
+def test_a_missing_local_source_fails_at_once_with_a_clear_message(prefect_harness, home,
+                                                                    tmp_path):
+    from flows.pipeline import skinsense_pipeline
+    from skinsense.data.dataverse import FetchError
+
+    with pytest.raises(FetchError, match="does not exist"):
+        skinsense_pipeline(config=PipelineConfig.model_validate(
+            {"data": {"source": str(tmp_path / "nowhere")}, "train": {"pretrained": False}}))
+
+
+def test_fetch_is_retried_for_network_failures_only():
+    import requests
+
+    from skinsense.data.dataverse import FetchError, is_transient
+
+    try:
+        try:
+            raise requests.ConnectionError("connection reset")
+        except requests.ConnectionError as exc:
+            raise FetchError("download failed 6 times") from exc
+    except FetchError as network_failure:
+        assert is_transient(network_failure)
+    assert not is_transient(FetchError("The data source 'x' does not exist"))

@@ -531,3 +531,15 @@ def _range_start(resp: requests.Response) -> int | None:
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a fetch failed on the network (worth retrying later), not on bad settings."""
+    cause = exc.__cause__ if isinstance(exc, FetchError) else exc
+    if isinstance(cause, _RetryableError | OSError):
+        return True
+    try:
+        import requests
+    except ImportError:
+        return False
+    return isinstance(cause, requests.RequestException)
