@@ -27,12 +27,17 @@ def _network_failure(task, task_run, state) -> bool:
 # The client already retries each request with backoff; these retries outlast an outage.
 @task(name="fetch", retries=2, retry_delay_seconds=[60, 300], retry_condition_fn=_network_failure)
 def fetch(cfg: DataConfig, home: Path) -> FetchedData:
-    return stages.fetch_data(cfg, Home(home), progress=False)
+    return stages.fetch_data(cfg, Home(home), progress=True)
 
 
 @task(name="validate")
 def validate(fetched: FetchedData, cfg: DataConfig, home: Path) -> ValidatedData:
-    return stages.validate_data(fetched, cfg, Home(home))
+    validated = stages.validate_data(fetched, cfg, Home(home))
+    print(f"{validated.n_images} images valid, {validated.n_bad} left out, "
+          f"fingerprint {validated.fingerprint[:16]}")
+    for line in validated.bad_images:
+        print(f"left out: {line}")
+    return validated
 
 
 @task(name="split")
