@@ -1,0 +1,1 @@
+"""Prefect deployment definitions (names, parameters, schedules) of `skinsense-pipeline`."""

@@ -18,7 +18,7 @@ from sklearn.metrics import (
 
 from skinsense.data.records import CachedSplit
 from skinsense.labels import CLASS_CODES
-from skinsense.packaging import load_model_dir
+from skinsense.packaging import load_card, load_model_dir
 from skinsense.presets import make_preset
 
 
@@ -85,6 +85,5 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path,
     report_json = out_dir / "evaluation.json"
     report_json.write_text(json.dumps(report, indent=2))
     np.save(out_dir / "test_probabilities.npy", probabilities)
-    card_arch = json.loads((Path(model_dir) / "model_card.json").read_text())["arch"]
-    return EvalResult(arch=card_arch, model_dir=Path(model_dir), metrics=metrics,
+    return EvalResult(arch=load_card(Path(model_dir)).arch, model_dir=Path(model_dir), metrics=metrics,
                       report_json=report_json, n_images=len(y_true))

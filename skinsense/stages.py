@@ -117,15 +117,26 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
                                           **cfg.train.model_dump(mode="json")},
         tags={"dataset_fingerprint": fingerprint, "split_seed": str(cfg.data.split_seed)})
     out_dir = home.runs / _digest(cache.key, arch, cfg.train.model_dump(mode="json"))[:16]
+    logged: set[int] = set()
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics(run_id, metrics, step=epoch)
+        logged.add(epoch)
+
     try:
         result = fit(cache, arch, cfg.train, out_dir=out_dir, class_weights=class_weights,
                      card_extra={"dataset_fingerprint": fingerprint,
                                  "split_seed": cfg.data.split_seed,
                                  "config": cfg.model_dump(mode="json")},
-                     on_epoch_end=lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch))
+                     on_epoch_end=log_epoch)
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
+    # Epochs done before a resume (or by an earlier identical run) belong in this run too.
+    for entry in result.history:
+        if int(entry["epoch"]) not in logged:
+            metrics = {k: v for k, v in entry.items() if k != "epoch"}
+            tracking.log_metrics(run_id, metrics, step=int(entry["epoch"]))
     tracking.log_metrics(run_id, {"best_epoch": result.best_epoch,
                                   "best_val_balanced_accuracy": result.best_val_balanced_accuracy})
     return run_id, result.model_dir
