@@ -31,10 +31,10 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # no
     try:
         for arch in config.train.archs:
             cache = caches[sizes[arch]]
-            run_id, model_dir = training.train(
-                cache, arch, config, home, oversampled.class_weights, parent_run_id,
-                validated.fingerprint)
-            candidates.append(training.evaluate(model_dir, cache, run_id, config.eval, home))
+            trained = training.train(cache, arch, config, home, oversampled.class_weights,
+                                     parent_run_id, validated.fingerprint)
+            candidates.append(training.evaluate(trained, cache, config.eval, home))
+        training.compare(candidates, parent_run_id, home)
         best = training.select_best(candidates, config.eval.metric)
         decision = registry.register_and_promote(best, caches, config, home, test_key,
                                                  parent_run_id)

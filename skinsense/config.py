@@ -115,9 +115,44 @@ class TrainConfig(_Strict):
     )
     weights_path: str | None = Field(None, description="Local file of pretrained weights.")
     seed: int = Field(0)
-    num_workers: int = Field(2, ge=0, le=64)
+    # 1.0 is the usual safety net for fine-tuning with AdamW: it only bites on the rare
+    # exploding step (a fresh head on pretrained features), not on ordinary ones.
+    grad_clip_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradients' global L2 norm to this; empty: no clipping."
+    )
+    grad_accum_steps: int = Field(
+        1, ge=1, le=256,
+        description="Optimizer step every this many batches (effective batch = batch_size x this).",
+    )
+    # Half an epoch lets AdamW's moment estimates settle before the full learning rate hits
+    # the pretrained weights; the cosine decay takes the rest.
+    warmup_epochs: float = Field(
+        0.5, ge=0, description="Linear learning-rate warm-up, in epochs (fractions allowed)."
+    )
+    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = Field(
+        "auto", description="'auto': bf16-mixed on CUDA, 32-true elsewhere (bf16 on CPU is slow)."
+    )
+    channels_last: bool = Field(
+        True, description="Model and batches in channels_last memory (faster convolutions on GPUs)."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model. With accelerator 'auto' it is skipped (and said so) "
+        "when training lands on the CPU; accelerator 'cpu' compiles on the CPU too.",
+    )
+    loader: Literal["batched", "dataloader"] = Field(
+        "batched",
+        description="'batched' reads whole batches from the cache in one call (fast); "
+        "'dataloader' uses a torch DataLoader with num_workers worker processes.",
+    )
+    num_workers: int = Field(
+        2, ge=0, le=64, description="DataLoader worker processes (loader 'dataloader' only)."
+    )
+    progress: bool = Field(True, description="Show a progress bar per epoch (terminals only).")
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
-    devices: int = Field(1, ge=1)
+    devices: int = Field(
+        1, ge=1, description="GPUs to train on; more than 1 trains with DDP in child processes."
+    )
 
     @field_validator("archs")
     @classmethod
@@ -152,6 +187,10 @@ class EvalConfig(_Strict):
         0.0, ge=0, description="Promote only when better than the champion by more than this."
     )
     batch_size: int = Field(64, ge=1)
+    tta: bool = Field(False, description="Average predictions over flips at test time.")
+    measure_efficiency: bool = Field(
+        True, description="Measure parameters, file size and CPU latency of each candidate."
+    )
 
 
 class ServeConfig(_Strict):
@@ -163,6 +202,16 @@ class ServeConfig(_Strict):
     port: int = Field(7860, ge=1, le=65535)
     # Cold start of torch + gradio takes ~20 s on 2 cores; leave room for a slow machine.
     startup_timeout_s: float = Field(180.0, gt=0)
+    # A retrain takes hours, so a minute's delay before a new champion is served costs
+    # nothing; the deploy step does not wait for it (it asks the app to reload at once).
+    reload_interval_s: float = Field(
+        60.0, ge=0, description="How often the app checks the registry alias for a new "
+        "champion; 0 turns the watcher off (POST /reload still works).")
+    # A dermatoscope JPEG is 0.2-3 MB; the cap keeps a hostile upload off the disk and RAM.
+    max_file_size_mb: float = Field(10.0, gt=0, description="Largest upload the app accepts.")
+    # Both backends already use every core for one image; two at a time lets one request's
+    # decoding overlap another's forward pass without oversubscribing.
+    concurrency_limit: int = Field(2, ge=1, description="Classify requests run at once.")
 
 
 class PipelineConfig(_Strict):

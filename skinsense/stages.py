@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig, ServeConfig
+from skinsense.evaluation import EvalResult
 from skinsense.data.records import (
     FetchedData,
     ImageCache,
@@ -25,6 +26,15 @@ from skinsense.models import check_image_size, default_image_size
 from skinsense.paths import Home
 
 
+class TrainedArch(BaseModel):
+    """A trained architecture: its MLflow child run, model folder and per-epoch history."""
+
+    arch: str
+    run_id: str
+    model_dir: Path
+    history: list[dict[str, float]]
+
+
 class Candidate(BaseModel):
     """A trained and evaluated architecture."""
 
@@ -33,6 +43,7 @@ class Candidate(BaseModel):
     run_id: str
     image_size: int
     test_metrics: dict[str, float]
+    evaluation: EvalResult
 
 
 def _digest(*parts: object) -> str:
@@ -106,8 +117,8 @@ def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str])
 
 def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Home, *,
                        class_weights: list[float] | None, parent_run_id: str,
-                       fingerprint: str) -> tuple[str, Path]:
-    """Fine-tune one architecture in a nested MLflow run; returns (run id, model folder)."""
+                       fingerprint: str) -> TrainedArch:
+    """Fine-tune one architecture in a nested MLflow run."""
     from skinsense import tracking
     from skinsense.training.loop import fit
 
@@ -139,27 +150,45 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
             tracking.log_metrics(run_id, metrics, step=int(entry["epoch"]))
     tracking.log_metrics(run_id, {"best_epoch": result.best_epoch,
                                   "best_val_balanced_accuracy": result.best_val_balanced_accuracy})
-    return run_id, result.model_dir
+    return TrainedArch(arch=arch, run_id=run_id, model_dir=result.model_dir,
+                       history=result.history)
 
 
-def evaluate_architecture(model_dir: Path, cache: ImageCache, run_id: str, cfg: EvalConfig,
+def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConfig,
                           home: Home) -> Candidate:
-    """Evaluate on the held-out test part and log the metrics to the architecture's run."""
+    """Evaluate on the held-out test part; log metrics, plots and report to the arch's run."""
     from skinsense import tracking
     from skinsense.evaluation import evaluate_model_dir
     from skinsense.packaging import load_card, save_card
 
     tracking.configure(home)
+    model_dir, run_id = trained.model_dir, trained.run_id
     result = evaluate_model_dir(model_dir, cache.test, out_dir=model_dir.parent / "evaluation",
-                                batch_size=cfg.batch_size)
+                                batch_size=cfg.batch_size, tta=cfg.tta, history=trained.history,
+                                efficiency=cfg.measure_efficiency)
     card = load_card(model_dir)
-    card.metrics |= {f"test_{k}": v for k, v in result.metrics.items()}
+    card.metrics |= {f"test_{k}": v for k, v in result.metrics.items()} | result.efficiency
     save_card(card, model_dir)
     tracking.log_metrics(run_id, result.metrics, prefix="test_")
-    tracking.log_artifact(run_id, result.report_json, "evaluation")
+    tracking.log_metrics(run_id, result.efficiency)
+    for artifact in result.artifacts:
+        tracking.log_artifact(run_id, artifact, "evaluation")
     tracking.end_run(run_id)
     return Candidate(arch=card.arch, model_dir=model_dir, run_id=run_id, image_size=card.image_size,
-                     test_metrics=result.metrics)
+                     test_metrics=result.metrics, evaluation=result)
+
+
+def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Home) -> list[Path]:
+    """The cross-architecture comparison (table and plots), logged on the parent run."""
+    from skinsense import tracking
+    from skinsense.evaluation import compare_models
+
+    tracking.configure(home)
+    out_dir = home.runs / "comparisons" / parent_run_id
+    paths = compare_models([c.evaluation for c in candidates], out_dir)
+    for path in paths:
+        tracking.log_artifact(parent_run_id, path, "comparison")
+    return paths
 
 
 def select_best(candidates: list[Candidate], metric: str) -> Candidate:
@@ -186,7 +215,7 @@ def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: Pi
         size = load_card(model_dir).image_size
         if size not in caches:
             raise ValueError(f"the champion takes {size} px inputs; no test cache at that size")
-        result = evaluate_model_dir(model_dir, caches[size].test,
+        result = evaluate_model_dir(model_dir, caches[size].test, tta=cfg.eval.tta,
                                     out_dir=home.runs / "champion-reevaluation")
         return result.metrics[metric]
 

@@ -20,15 +20,20 @@ def start_run(cfg: PipelineConfig, home: Path, tags: dict[str, str]) -> str:
 @task(name="train", task_run_name="train-{arch}")
 def train(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Path,
           class_weights: list[float] | None, parent_run_id: str,
-          fingerprint: str) -> tuple[str, Path]:
+          fingerprint: str) -> stages.TrainedArch:
     return stages.train_architecture(cache, arch, cfg, Home(home), class_weights=class_weights,
                                      parent_run_id=parent_run_id, fingerprint=fingerprint)
 
 
-@task(name="evaluate", task_run_name="evaluate-{run_id}")
-def evaluate(model_dir: Path, cache: ImageCache, run_id: str, cfg: EvalConfig,
+@task(name="evaluate", task_run_name="evaluate-{trained.arch}")
+def evaluate(trained: stages.TrainedArch, cache: ImageCache, cfg: EvalConfig,
              home: Path) -> stages.Candidate:
-    return stages.evaluate_architecture(model_dir, cache, run_id, cfg, Home(home))
+    return stages.evaluate_architecture(trained, cache, cfg, Home(home))
+
+
+@task(name="compare")
+def compare(candidates: list[stages.Candidate], parent_run_id: str, home: Path) -> list[Path]:
+    return stages.compare_candidates(candidates, parent_run_id, Home(home))
 
 
 @task(name="select-best")
