@@ -26,7 +26,8 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # no
     test_key = f"{validated.fingerprint}:seed{config.data.split_seed}:{split.test_csv.parent.name}"
     parent_run_id = training.start_run(config, home, tags={
         "dataset_fingerprint": validated.fingerprint, "split_seed": str(config.data.split_seed),
-        "prefect_flow_run_id": str(flow_run.get_id()), "mlflow.runName": flow_run.get_name() or "pipeline"})
+        "prefect_flow_run_id": str(flow_run.get_id()),
+        "mlflow.runName": flow_run.get_name() or "pipeline"}, split=split, oversampled=oversampled)
     candidates = []
     try:
         for arch in config.train.archs:

@@ -106,13 +106,20 @@ def cache_images(split: SplitData, oversampled: OversampledData, size: int, cfg:
                              fingerprint=key, cache_root=home.cache, workers=cfg.cache_workers)
 
 
-def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str]) -> str:
-    """Create the MLflow parent run of a pipeline run; returns its id."""
+def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str],
+                       split: SplitData, oversampled: OversampledData) -> str:
+    """Create the MLflow parent run of a pipeline run, with its data as dataset inputs."""
     from skinsense import tracking
 
     tracking.configure(home)
     experiment_id = tracking.ensure_experiment(cfg.experiment, home)
-    return tracking.start_parent_run(experiment_id, config=cfg.model_dump(mode="json"), tags=tags)
+    run_id = tracking.start_parent_run(experiment_id, config=cfg.model_dump(mode="json"),
+                                       tags=tags)
+    for context, manifest in (("train", oversampled.train_csv), ("validation", split.val_csv),
+                              ("test", split.test_csv)):
+        tracking.log_dataset(run_id, manifest, name=f"HAM10000-{context}",
+                             digest=split.fingerprint, context=context)
+    return run_id
 
 
 def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Home, *,
@@ -135,11 +142,12 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
         logged.add(epoch)
 
     try:
-        result = fit(cache, arch, cfg.train, out_dir=out_dir, class_weights=class_weights,
-                     card_extra={"dataset_fingerprint": fingerprint,
-                                 "split_seed": cfg.data.split_seed,
-                                 "config": cfg.model_dump(mode="json")},
-                     on_epoch_end=log_epoch)
+        with tracking.system_metrics(run_id):
+            result = fit(cache, arch, cfg.train, out_dir=out_dir, class_weights=class_weights,
+                         card_extra={"dataset_fingerprint": fingerprint,
+                                     "split_seed": cfg.data.split_seed,
+                                     "config": cfg.model_dump(mode="json")},
+                         on_epoch_end=log_epoch)
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

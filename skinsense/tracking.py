@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +81,18 @@ def start_parent_run(experiment_id: str, *, config: dict[str, Any], tags: dict[s
     return run.info.run_id
 
 
+# Tags a child run copies from its pipeline run, so each run can be traced on its own.
+_INHERITED_TAGS = ("prefect_flow_run_id", "dataset_fingerprint", "split_seed", "git_commit")
+
+
 def start_child_run(parent_run_id: str, *, name: str, config: dict[str, Any],
                     tags: dict[str, str]) -> str:
     """A nested run (one per architecture) under the pipeline's parent run."""
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
+    inherited = {k: v for k, v in parent.data.tags.items() if k in _INHERITED_TAGS}
     run = client.create_run(parent.info.experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": parent_run_id, "skinsense.kind": "architecture",
+        **inherited, "mlflow.parentRunId": parent_run_id, "skinsense.kind": "architecture",
         "git_commit": git_commit(), **tags})
     log_params(run.info.run_id, config)
     return run.info.run_id
@@ -119,3 +126,35 @@ def run_url(run_id: str) -> str:
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     return f"run {run_id} in {uri}"
+
+
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """Sample CPU, memory (and GPU, where nvidia-ml-py is installed) into `run_id` meanwhile.
+
+    The sampler watches the whole machine, so a training child process is measured too. It
+    is started directly rather than through `mlflow.start_run`, whose exit would mark the run
+    finished while the pipeline still logs to it. Every 10 s unless
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=mlflow.get_tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_dataset(run_id: str, manifest_csv: Path, *, name: str, digest: str, context: str) -> None:
+    """Record a manifest as an MLflow dataset input of `run_id` (digest: data fingerprint)."""
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    frame = pd.read_csv(manifest_csv)
+    dataset = mlflow.data.from_pandas(frame, source=str(manifest_csv), name=name,
+                                      digest=digest[:36], targets="dx")
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])])

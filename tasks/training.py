@@ -8,13 +8,15 @@ from prefect import task
 
 from skinsense import stages
 from skinsense.config import EvalConfig, PipelineConfig
-from skinsense.data.records import ImageCache
+from skinsense.data.records import ImageCache, OversampledData, SplitData
 from skinsense.paths import Home
 
 
 @task(name="start-mlflow-run")
-def start_run(cfg: PipelineConfig, home: Path, tags: dict[str, str]) -> str:
-    return stages.start_pipeline_run(cfg, Home(home), tags=tags)
+def start_run(cfg: PipelineConfig, home: Path, tags: dict[str, str], split: SplitData,
+              oversampled: OversampledData) -> str:
+    return stages.start_pipeline_run(cfg, Home(home), tags=tags, split=split,
+                                     oversampled=oversampled)
 
 
 @task(name="train", task_run_name="train-{arch}")

@@ -11,7 +11,8 @@ import torch
 # Offline machines: no telemetry, no update checks, quiet Gradio.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# Tiny trainings last seconds: sample system metrics every second so they show up.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 

@@ -40,12 +40,16 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
         parents = [r for r in runs if r.data.tags.get("skinsense.kind") == "pipeline"]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        contexts = {tag.value for ds in parents[0].inputs.dataset_inputs for tag in ds.tags}
+        assert contexts == {"train", "validation", "test"}
         assert {r.info.run_name for r in children} == {"efficientnet_b0", "resnet18"}
         comparison = {a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")}
         assert {"comparison/comparison.csv", "comparison/model_comparison.png"} <= comparison
         for child in children:
             assert "test_balanced_accuracy" in child.data.metrics
             assert "cpu_latency_ms" in child.data.metrics
+            assert any(key.startswith("system/") for key in child.data.metrics)
+            assert child.data.tags["prefect_flow_run_id"] == parents[0].data.tags["prefect_flow_run_id"]
             evaluation = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
             assert "evaluation/confusion_matrix.png" in evaluation
             assert child.data.tags["dataset_fingerprint"] == parents[0].data.tags["dataset_fingerprint"]
