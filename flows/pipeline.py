@@ -20,7 +20,7 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # no
     split = data.split(validated, config.data, home)
     oversampled = data.oversample(split, config.data, home)
     sizes = data.image_sizes(config)
-    caches = {size: data.cache_images(split, oversampled, size, config.data, home)
+    caches = {size: data.cache_images(split, oversampled, size, config.data, home, validated)
               for size in sorted(set(sizes.values()))}
 
     test_key = f"{validated.fingerprint}:seed{config.data.split_seed}:{split.test_csv.parent.name}"

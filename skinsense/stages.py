@@ -95,15 +95,23 @@ def image_sizes(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def cache_images(split: SplitData, oversampled: OversampledData, size: int, cfg: DataConfig,
-                 home: Home) -> ImageCache:
-    """Decode every image of the three parts once, at `size` px, into uint8 arrays."""
-    from skinsense.data.cache import build_image_cache
+                 home: Home, *, validated: ValidatedData | None = None) -> ImageCache:
+    """Decode every image of the three parts (and the ISIC 2018 test set) once, at `size` px."""
+    import pandas as pd
+
+    from skinsense.data.cache import build_image_cache, build_split_cache
 
     # The key covers the data and exactly which images are in each part.
     key = _digest(split.fingerprint, str(oversampled.train_csv), str(split.val_csv),
                   str(split.test_csv))
-    return build_image_cache(oversampled.train_csv, split.val_csv, split.test_csv, size=size,
-                             fingerprint=key, cache_root=home.cache, workers=cfg.cache_workers)
+    cache = build_image_cache(oversampled.train_csv, split.val_csv, split.test_csv, size=size,
+                              fingerprint=key, cache_root=home.cache, workers=cfg.cache_workers)
+    isic_manifest = validated.isic_test_manifest_csv if validated else None
+    if isic_manifest is not None and not cfg.isic_test_as_test:
+        cache.isic_test = build_split_cache(pd.read_csv(isic_manifest), size=size,
+                                            out_dir=cache.test.images_npy.parent,
+                                            name="isic2018_test", workers=cfg.cache_workers)
+    return cache
 
 
 def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str],
@@ -181,6 +189,13 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     tracking.log_metrics(run_id, result.efficiency)
     for artifact in result.artifacts:
         tracking.log_artifact(run_id, artifact, "evaluation")
+    if cache.isic_test is not None:
+        # The same report on the official challenge test set, comparable with its leaderboard.
+        isic = evaluate_model_dir(model_dir, cache.isic_test, batch_size=cfg.batch_size,
+                                  tta=cfg.tta, out_dir=model_dir.parent / "evaluation-isic2018")
+        tracking.log_metrics(run_id, isic.metrics, prefix="isic2018_test_")
+        for artifact in isic.artifacts:
+            tracking.log_artifact(run_id, artifact, "evaluation-isic2018")
     tracking.end_run(run_id)
     return Candidate(arch=card.arch, model_dir=model_dir, run_id=run_id, image_size=card.image_size,
                      test_metrics=result.metrics, evaluation=result)

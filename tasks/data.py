@@ -57,5 +57,6 @@ def image_sizes(cfg: PipelineConfig) -> dict[str, int]:
 
 @task(name="cache-images", task_run_name="cache-images-{size}px")
 def cache_images(split_data: SplitData, oversampled: OversampledData, size: int,
-                 cfg: DataConfig, home: Path) -> ImageCache:
-    return stages.cache_images(split_data, oversampled, size, cfg, Home(home))
+                 cfg: DataConfig, home: Path, validated: ValidatedData) -> ImageCache:
+    return stages.cache_images(split_data, oversampled, size, cfg, Home(home),
+                               validated=validated)

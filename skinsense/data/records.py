@@ -78,3 +78,5 @@ class ImageCache(BaseModel):
     train: CachedSplit
     val: CachedSplit
     test: CachedSplit
+    # The official ISIC 2018 Task 3 test set, when fetched but not used as the test part.
+    isic_test: CachedSplit | None = None

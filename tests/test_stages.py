@@ -1,0 +1,39 @@
+"""Stage entry points without Prefect: the ISIC 2018 test set gets the same report."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from skinsense import stages, tracking
+from skinsense.config import DataConfig, EvalConfig, PipelineConfig
+from skinsense.models import build_model
+from skinsense.packaging import ModelCard, save_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
+    from skinsense.data.synth import make_synthetic_ham10000
+
+    source = make_synthetic_ham10000(tmp_path / "synth", n_images=120, seed=5,
+                                     image_size=(80, 60), isic_test_images=21)
+    cfg = DataConfig(source=str(source), include_isic_test=True, cache_workers=1)
+    validated = stages.validate_data(stages.fetch_data(cfg, home, progress=False), cfg, home)
+    split = stages.split_data(validated, cfg, home)
+    oversampled = stages.oversample_data(split, cfg, home)
+    cache = stages.cache_images(split, oversampled, 32, cfg, home, validated=validated)
+    assert cache.isic_test is not None and cache.isic_test.n == 21
+
+    parent = stages.start_pipeline_run(PipelineConfig(), home, tags={}, split=split,
+                                       oversampled=oversampled)
+    run_id = tracking.start_child_run(parent, name="resnet18", config={}, tags={})
+    model_dir = save_model_dir(build_model("resnet18", image_size=32),
+                               ModelCard(arch="resnet18", image_size=32), tmp_path / "m" / "model")
+    trained = stages.TrainedArch(arch="resnet18", run_id=run_id, model_dir=model_dir, history=[])
+    candidate = stages.evaluate_architecture(
+        trained, cache, EvalConfig(measure_efficiency=False), home)
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert "isic2018_test_balanced_accuracy" in metrics and "test_balanced_accuracy" in metrics
+    assert candidate.test_metrics["balanced_accuracy"] == pytest.approx(
+        metrics["test_balanced_accuracy"])
