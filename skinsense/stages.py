@@ -135,7 +135,7 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
                        fingerprint: str) -> TrainedArch:
     """Fine-tune one architecture in a nested MLflow run."""
     from skinsense import tracking
-    from skinsense.training.loop import fit
+    from skinsense.training.launcher import train_in_subprocess
 
     tracking.configure(home)
     run_id = tracking.start_child_run(
@@ -143,23 +143,23 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
                                           **cfg.train.model_dump(mode="json")},
         tags={"dataset_fingerprint": fingerprint, "split_seed": str(cfg.data.split_seed)})
     out_dir = home.runs / _digest(cache.key, arch, cfg.train.model_dump(mode="json"))[:16]
-    logged: set[int] = set()
-
-    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(run_id, metrics, step=epoch)
-        logged.add(epoch)
-
     try:
+        # A child process per architecture: the flow process is never re-executed, GPU memory
+        # is freed between architectures, and a crash stays in the child.
         with tracking.system_metrics(run_id):
-            result = fit(cache, arch, cfg.train, out_dir=out_dir, class_weights=class_weights,
-                         card_extra={"dataset_fingerprint": fingerprint,
-                                     "split_seed": cfg.data.split_seed,
-                                     "config": cfg.model_dump(mode="json")},
-                         on_epoch_end=log_epoch)
+            result = train_in_subprocess(
+                cache, arch, cfg.train, out_dir=out_dir, class_weights=class_weights,
+                card_extra={"dataset_fingerprint": fingerprint,
+                            "split_seed": cfg.data.split_seed,
+                            "config": cfg.model_dump(mode="json")},
+                mlflow_run_id=run_id,
+                env={"MLFLOW_TRACKING_URI": tracking.tracking_uri(home),
+                     "SKINSENSE_HOME": str(home.root)})
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
-    # Epochs done before a resume (or by an earlier identical run) belong in this run too.
+    # Epochs of an earlier interrupted or identical run belong in this run too.
+    logged = tracking.logged_steps(run_id, "train_loss")
     for entry in result.history:
         if int(entry["epoch"]) not in logged:
             metrics = {k: v for k, v in entry.items() if k != "epoch"}

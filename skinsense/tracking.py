@@ -111,6 +111,11 @@ def log_metrics(run_id: str, metrics: dict[str, float], *, step: int | None = No
         client.log_metric(run_id, f"{prefix}{key}", float(value), step=step or 0)
 
 
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """Steps at which `key` was already logged in `run_id`."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
 

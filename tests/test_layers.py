@@ -22,7 +22,8 @@ def modules_after_import(statement: str) -> set[str]:
 @pytest.mark.parametrize("module", [
     "skinsense.data.sources", "skinsense.data.metadata", "skinsense.data.split",
     "skinsense.data.oversample", "skinsense.data.cache", "skinsense.data.synth",
-    "skinsense.data.datasets", "skinsense.training.loop", "skinsense.models",
+    "skinsense.data.datasets", "skinsense.training.loop", "skinsense.training.launcher",
+    "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",
     "skinsense.presets", "skinsense.packaging",
 ])
 def test_data_and_training_need_no_orchestration_libraries(module):

@@ -1,0 +1,125 @@
+"""Run `fit` in a child process (torchrun for several GPUs) and hand back its result.
+
+Training in a child keeps the calling process (a Prefect flow, the CLI) out of harm's way: its
+GPU memory is all freed when the child exits, between architectures; a crash, even a CUDA or
+out-of-memory abort, ends the child and not the flow; and DDP can start one process per GPU
+without re-executing the caller's script (what `fabric.launch()` would do in it).
+
+The child is `python -m skinsense.training.worker SPEC` (see `worker.py`), or torchrun of the
+same module with `devices > 1` on CUDA. Its output is copied to this process's stdout line by
+line, so Prefect's log capture and a terminal see the epochs as they end.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from skinsense.config import TrainConfig
+from skinsense.data.records import ImageCache
+from skinsense.training.loop import TrainResult
+
+SPEC_FILE = "train_spec.json"
+RESULT_FILE = "result.json"
+_TAIL_LINES = 40
+
+
+class TrainingFailed(RuntimeError):
+    """The training child exited with an error; the message ends with its last output."""
+
+    def __init__(self, message: str, *, returncode: int, output_tail: str) -> None:
+        super().__init__(message)
+        self.returncode, self.output_tail = returncode, output_tail
+
+
+def worker_command(spec_path: Path, cfg: TrainConfig) -> list[str]:
+    """The child's command line: torchrun with one process per GPU when `devices > 1`."""
+    module = ["-m", "skinsense.training.worker", str(spec_path)]
+    if cfg.devices > 1:
+        if cfg.accelerator not in ("auto", "cuda", "gpu") or not torch.cuda.is_available():
+            raise ValueError(f"devices={cfg.devices} needs CUDA GPUs; none are available here")
+        # --standalone: a private rendezvous on a free port, so runs on one host never clash.
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={cfg.devices}", *module]
+    return [sys.executable, *module]
+
+
+def train_in_subprocess(
+    cache: ImageCache,
+    arch: str,
+    cfg: TrainConfig,
+    *,
+    out_dir: Path,
+    class_weights: list[float] | None = None,
+    card_extra: dict | None = None,
+    mlflow_run_id: str | None = None,
+    env: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train `arch` like `fit`, in a child process; returns the child's `TrainResult`.
+
+    Args:
+        cache: The cached train/val parts at this architecture's size.
+        arch: torchvision architecture name.
+        cfg: Training settings (`devices > 1` starts torchrun with DDP).
+        out_dir: Checkpoints, the model folder, the spec and the result go here; a run
+            that finds a checkpoint there resumes from it.
+        class_weights: Loss weights in CLASS_CODES order, or None.
+        card_extra: Fields for the model card (JSON-serializable).
+        mlflow_run_id: When given, the child logs each epoch's metrics to this MLflow run
+            (set MLFLOW_TRACKING_URI in `env` when the store is not the default).
+        env: Extra environment variables for the child.
+
+    Raises:
+        TrainingFailed: The child exited with a non-zero status (or was killed).
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = out_dir / SPEC_FILE, out_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)  # a result left by an earlier run must not be read
+    spec = {"cache": cache.model_dump(mode="json"), "arch": arch,
+            "cfg": cfg.model_dump(mode="json"), "out_dir": str(out_dir),
+            "class_weights": class_weights, "card_extra": card_extra,
+            "mlflow_run_id": mlflow_run_id, "result": str(result_path)}
+    spec_path.write_text(json.dumps(spec, indent=1))
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    returncode, tail = _run_streaming(worker_command(spec_path, cfg), child_env)
+    if returncode != 0:
+        # The last line of a Python crash is the exception itself: lead with it.
+        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        raise TrainingFailed(
+            f"training {arch} failed in its child process (exit status {returncode}): "
+            f"{last}\n--- its last output ---\n{tail}", returncode=returncode, output_tail=tail)
+    if not result_path.exists():
+        raise TrainingFailed(f"training {arch} ended without writing {result_path}; its last "
+                             f"output:\n{tail}", returncode=returncode, output_tail=tail)
+    return TrainResult.model_validate_json(result_path.read_text())
+
+
+def _run_streaming(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `command`, copying its stdout and stderr to ours line by line; (status, tail)."""
+    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+        return process.wait(), "".join(tail)
+    finally:
+        # Cancelled or interrupted here (Ctrl-C, a Prefect cancellation): the child must not
+        # outlive us holding the GPU.
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
