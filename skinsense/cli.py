@@ -109,6 +109,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    from skinsense import registry, tracking
+    from skinsense.paths import Home
+
+    tracking.configure(Home.default())
+    if args.action == "show":
+        _print_versions(args.name, registry.show(args.name))
+    elif args.action == "promote":
+        change = registry.promote(args.name, args.version, args.reason)
+        print(f"{args.name} v{change.version} is the champion (was "
+              f"{'v' + change.previous_champion if change.previous_champion else 'none'}): "
+              f"{change.reason}")
+    else:
+        change = registry.rollback(args.name)
+        print(f"{args.name}: champion rolled back from v{change.previous_champion} "
+              f"to v{change.version}")
+    return 0
+
+
+def _print_versions(name: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"registered model {name}")
+    for column in ("version", "aliases", "arch", "test metrics", "data", "created",
+                   "decision"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        metrics = " ".join(f"{k.removeprefix('test_')}={_short_number(v)}"
+                           for k, v in row["metrics"].items())
+        decision = row["promotion_decision"] or ""
+        if row["previous_champion"]:
+            decision += f" (replaced v{row['previous_champion']})"
+        if row["rollback"]:
+            decision += f"; {row['rollback']}"
+        table.add_row(row["version"], ", ".join(row["aliases"]), row["arch"] or "", metrics,
+                      (row["dataset_fingerprint"] or "")[:12], row["created"] or "", decision)
+    Console().print(table)
+
+
+def _short_number(text: str) -> str:
+    try:
+        return f"{float(text):.4f}"
+    except ValueError:
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinsense",
@@ -159,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("registry", help="show, promote or roll back registered model versions")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("show", help="list versions with aliases, metrics and decisions")
+    a.add_argument("--name", default="skinsense", help="registered model name")
+    a = actions.add_parser("promote", help="make a version the champion by hand")
+    a.add_argument("version", help="the model version to promote, e.g. 3")
+    a.add_argument("--name", default="skinsense", help="registered model name")
+    a.add_argument("--reason", default="", help="why (recorded on the version)")
+    a = actions.add_parser("rollback", help="move the champion back to the one it replaced")
+    a.add_argument("--name", default="skinsense", help="registered model name")
+    p.set_defaults(func=cmd_registry)
     return parser
 
 

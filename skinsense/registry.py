@@ -3,28 +3,59 @@
 Every run's best candidate is registered and gets the alias `challenger`. It becomes
 `champion` only when it beats the current champion on the same test part (the champion is
 evaluated again when it was tested on another split or data), so the registry only ever
-promotes a better model. Any failure leaves the champion alias where it was.
+promotes a better model. Operators can also promote a version by hand (`promote`) and undo a
+promotion (`rollback`); every promotion records the champion it replaced as the tag
+`previous_champion`, which is what a rollback returns to. The `champion` alias is always moved
+last, so any failure leaves it where it was.
+
+A registered version's model folder holds `weights.safetensors`, `model_card.json` and
+`model.onnx` (exported and checked against PyTorch at registration): nothing in it unpickles
+code when loaded.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
+from skinsense.export import check_onnx_agrees, export_onnx
 from skinsense.packaging import load_card
 from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT
+
+log = logging.getLogger(__name__)
 
 # Models from code: MLflow stores this file, not a cloudpickle of an object, so loading a
 # registered model never unpickles code.
 PYFUNC_CODE = Path(__file__).parent / "serving" / "pyfunc_model.py"
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+# Version tags written by promotions and rollbacks.
+DECISION_TAG, PREVIOUS_TAG, PROMOTED_AT_TAG = "promotion_decision", "previous_champion", "promoted_at"
+ROLLBACK_TAG = "rollback"
+# Largest ONNX-vs-PyTorch logit difference accepted at registration (fp32 on the CPU).
+ONNX_ATOL = 1e-4
+
+
+class RegistryError(ValueError):
+    """A registry operation cannot be done as asked; the message says why."""
+
+
+class ChampionChange(BaseModel):
+    """A manual promotion or a rollback of the `champion` alias."""
+
+    model_name: str
+    version: str
+    previous_champion: str | None
+    reason: str
 
 
 class PromotionDecision(BaseModel):
@@ -42,12 +73,20 @@ class PromotionDecision(BaseModel):
 
 def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
                        metric: str, score: float, tags: dict[str, str]) -> str:
-    """Log the model folder as a pyfunc model in `run_id`, register it, alias `challenger`.
+    """Export ONNX into the model folder, log it as a pyfunc model in `run_id`, register it.
+
+    The new version gets the alias `challenger`. The folder is logged with its safetensors
+    weights, card and a `model.onnx` that was checked to agree with PyTorch (`ONNX_ATOL`).
 
     Returns:
         The new model version.
+
+    Raises:
+        skinsense.export.OnnxMismatchError: the ONNX export does not agree with PyTorch.
     """
     card = load_card(model_dir)
+    export_onnx(model_dir)
+    onnx_diff = check_onnx_agrees(model_dir, atol=ONNX_ATOL)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -61,7 +100,8 @@ def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in {**tags, "arch": card.arch, f"test_{metric}": repr(float(score)),
-                       "dataset_fingerprint": card.dataset_fingerprint}.items():
+                       "dataset_fingerprint": card.dataset_fingerprint,
+                       "onnx_max_abs_diff": f"{onnx_diff:.3g}"}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
@@ -129,12 +169,143 @@ def promote_if_better(
     decision = PromotionDecision(
         model_name=model_name, version=version, metric=metric, challenger_score=challenger_score,
         champion_version=champion, champion_score=champion_score, promoted=promoted, reason=reason)
-    client.set_model_version_tag(model_name, version, "promotion_decision", reason)
+    client.set_model_version_tag(model_name, version, DECISION_TAG, reason)
     if champion_score is not None:
         client.set_model_version_tag(model_name, version, "champion_score", repr(float(champion_score)))
     if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
+        _move_champion(client, model_name, version, previous=champion)
     return decision
+
+
+def show(model_name: str) -> list[dict[str, Any]]:
+    """Every version of `model_name`, oldest first, with what an operator needs to judge it.
+
+    Returns:
+        One dict per version: version, aliases, arch, metrics (the `test_*` tags, e.g.
+        {'test_balanced_accuracy': '0.61'}), dataset_fingerprint, promotion_decision,
+        previous_champion, promoted_at, rollback, run_id, created (ISO time).
+
+    Raises:
+        RegistryError: there is no registered model of that name.
+    """
+    client = MlflowClient()
+    try:
+        aliases_of: dict[str, list[str]] = {}
+        for alias, version in client.get_registered_model(model_name).aliases.items():
+            aliases_of.setdefault(str(version), []).append(alias)
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model named {model_name!r}") from exc
+    rows = []
+    for mv in _versions(client, model_name):
+        tags = mv.tags
+        rows.append({
+            "version": str(mv.version),
+            "aliases": sorted(aliases_of.get(str(mv.version), [])),
+            "arch": tags.get("arch"),
+            "metrics": {k: v for k, v in sorted(tags.items())
+                        if k.startswith("test_") and k != "test_key"},
+            "dataset_fingerprint": tags.get("dataset_fingerprint"),
+            "promotion_decision": tags.get(DECISION_TAG),
+            "previous_champion": tags.get(PREVIOUS_TAG),
+            "promoted_at": tags.get(PROMOTED_AT_TAG),
+            "rollback": tags.get(ROLLBACK_TAG),
+            "run_id": mv.run_id,
+            "created": _iso(mv.creation_timestamp),
+        })
+    return rows
+
+
+def promote(model_name: str, version: str, reason: str) -> ChampionChange:
+    """Make `version` the champion by hand, recording why and which champion it replaces.
+
+    Raises:
+        RegistryError: the version does not exist (the message lists those that do) or is
+            already the champion.
+    """
+    client = MlflowClient()
+    version = _existing_version(client, model_name, str(version))
+    champion = current_champion(model_name)
+    if champion == version:
+        raise RegistryError(f"{model_name} v{version} is already the champion")
+    reason = reason.strip() or "no reason given"
+    client.set_model_version_tag(model_name, version, DECISION_TAG, f"manual: {reason}")
+    _move_champion(client, model_name, version, previous=champion)
+    return ChampionChange(model_name=model_name, version=version, previous_champion=champion,
+                          reason=f"manual: {reason}")
+
+
+def rollback(model_name: str) -> ChampionChange:
+    """Move `champion` back to the champion the current one replaced.
+
+    That is the current champion's `previous_champion` tag or, for a champion promoted
+    before that tag existed, the newest older version that was promoted. The target keeps
+    its own `previous_champion`, so rolling back again walks further back in history.
+
+    Raises:
+        RegistryError: there is no champion, or no earlier champion to return to.
+    """
+    client = MlflowClient()
+    champion = current_champion(model_name)
+    if champion is None:
+        raise RegistryError(f"{model_name} has no champion to roll back")
+    champion_mv = client.get_model_version(model_name, champion)
+    target = champion_mv.tags.get(PREVIOUS_TAG) or _previous_promoted(client, model_name, champion)
+    if not target:
+        raise RegistryError(f"{model_name} v{champion} is the first champion: there is no "
+                            f"earlier champion to roll back to (promote a version instead)")
+    try:
+        client.get_model_version(model_name, target)
+    except MlflowException as exc:
+        raise RegistryError(f"{model_name} v{champion} replaced v{target}, which no longer "
+                            f"exists; promote a version instead") from exc
+    when = _now()
+    client.set_model_version_tag(model_name, champion, ROLLBACK_TAG,
+                                 f"demoted at {when}: rolled back to v{target}")
+    client.set_model_version_tag(model_name, target, ROLLBACK_TAG,
+                                 f"champion again at {when}: rolled back from v{champion}")
+    client.set_registered_model_alias(model_name, CHAMPION, target)
+    return ChampionChange(model_name=model_name, version=target, previous_champion=champion,
+                          reason=f"rollback from v{champion}")
+
+
+def _move_champion(client: MlflowClient, model_name: str, version: str, *,
+                   previous: str | None) -> None:
+    """Tag `version` with the champion it replaces, then move the alias (last)."""
+    if previous is not None:
+        client.set_model_version_tag(model_name, version, PREVIOUS_TAG, previous)
+    elif PREVIOUS_TAG in client.get_model_version(model_name, version).tags:
+        # A stale tag from an earlier promotion would send a rollback somewhere wrong.
+        client.delete_model_version_tag(model_name, version, PREVIOUS_TAG)
+    client.set_model_version_tag(model_name, version, PROMOTED_AT_TAG, _now())
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+
+
+def _versions(client: MlflowClient, model_name: str) -> list:
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    return sorted(versions, key=lambda mv: int(mv.version))
+
+
+def _existing_version(client: MlflowClient, model_name: str, version: str) -> str:
+    known = [str(mv.version) for mv in _versions(client, model_name)]
+    if not known:
+        raise RegistryError(f"no registered model named {model_name!r} (or it has no versions)")
+    if version.removeprefix("v") not in known:
+        raise RegistryError(f"{model_name} has no version {version}; versions: {', '.join(known)}")
+    return version.removeprefix("v")
+
+
+def _previous_promoted(client: MlflowClient, model_name: str, champion: str) -> str | None:
+    earlier = [mv for mv in _versions(client, model_name) if int(mv.version) < int(champion)]
+    for mv in reversed(earlier):
+        decision = mv.tags.get(DECISION_TAG, "")
+        # promote_if_better's reasons end in "promoted" (or say "is promoted" for the first).
+        if PROMOTED_AT_TAG in mv.tags or decision.startswith("manual:") or "promoted" in decision:
+            return str(mv.version)
+    return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _signature():
@@ -151,4 +322,11 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in
-            ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow")]
+            ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow",
+             "onnxruntime")]
+
+
+def _iso(timestamp_ms: int | None) -> str | None:
+    if timestamp_ms is None:
+        return None
+    return datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).isoformat(timespec="seconds")

@@ -6,11 +6,35 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from skinsense import registry, tracking
+from skinsense.export import ONNX_FILE, weights_sha256
 from skinsense.models import build_model
 from skinsense.packaging import ModelCard, save_model_dir
+
+_EXPORTS: dict[str, bytes] = {}
+
+
+@pytest.fixture(autouse=True)
+def reuse_onnx_exports(monkeypatch):
+    """Export each distinct set of weights once: an export takes seconds on 2 cores.
+
+    The candidates below share seeded weights, so every registration still holds the real
+    export of exactly its weights (and `check_onnx_agrees` still runs on it).
+    """
+    real_export = registry.export_onnx
+
+    def export_once(model_dir: Path, out_path: Path | None = None) -> Path:
+        key = weights_sha256(model_dir)
+        if key not in _EXPORTS:
+            _EXPORTS[key] = real_export(model_dir).read_bytes()
+        out = out_path or model_dir / ONNX_FILE
+        out.write_bytes(_EXPORTS[key])
+        return out
+
+    monkeypatch.setattr(registry, "export_onnx", export_once)
 
 
 @pytest.fixture
@@ -20,8 +44,10 @@ def store(home):
 
 
 def candidate(tmp_path: Path, name: str, experiment_id: str) -> tuple[Path, str]:
-    model_dir = save_model_dir(build_model("resnet18", image_size=32),
-                               ModelCard(arch="resnet18", image_size=32), tmp_path / name)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("resnet18", image_size=32)
+    model_dir = save_model_dir(model, ModelCard(arch="resnet18", image_size=32), tmp_path / name)
     run_id = MlflowClient().create_run(experiment_id).info.run_id
     return model_dir, run_id
 
@@ -83,3 +109,122 @@ def test_pyfunc_model_returns_probabilities(tmp_path, store):
     probabilities = model.predict(pd.DataFrame({"image": images}))
     assert probabilities.shape == (2, 7)
     assert probabilities.sum(axis=1).round(5).tolist() == [1.0, 1.0]
+
+
+def test_registered_version_holds_onnx_and_safetensors_and_no_pickle(tmp_path, store):
+    decision = register(tmp_path, store, "a", 0.5)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/skin/{decision.version}", dst_path=str(tmp_path / "dl")))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    model_dir = registry.download_model_dir("skin", decision.version, tmp_path / "dl2")
+    assert {"weights.safetensors", "model_card.json", "model.onnx"} <= {
+        p.name for p in model_dir.iterdir()}
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".pickle"))], files
+    tags = MlflowClient().get_model_version("skin", decision.version).tags
+    assert float(tags["onnx_max_abs_diff"]) < 1e-4
+    served = mlflow.pyfunc.load_model("models:/skin@champion").unwrap_python_model()
+    assert served.predictor.backend == "onnxruntime"
+
+
+def test_show_lists_versions_with_aliases_and_tags(tmp_path, store):
+    first = register(tmp_path, store, "a", 0.5)
+    second = register(tmp_path, store, "b", 0.4)
+    rows = registry.show("skin")
+    assert [r["version"] for r in rows] == [first.version, second.version]
+    assert rows[0]["aliases"] == ["champion"] and rows[1]["aliases"] == ["challenger"]
+    assert rows[0]["arch"] == "resnet18"
+    assert float(rows[0]["metrics"]["test_balanced_accuracy"]) == pytest.approx(0.5)
+    assert "test_key" not in rows[0]["metrics"]
+    assert "kept the champion" in rows[1]["promotion_decision"]
+    with pytest.raises(registry.RegistryError, match="no registered model"):
+        registry.show("nope")
+
+
+def test_promote_if_better_records_the_previous_champion(tmp_path, store):
+    first = register(tmp_path, store, "a", 0.5)
+    better = register(tmp_path, store, "b", 0.6)
+    tags = MlflowClient().get_model_version("skin", better.version).tags
+    assert tags["previous_champion"] == first.version
+    assert "previous_champion" not in MlflowClient().get_model_version("skin", first.version).tags
+
+
+def test_manual_promote_moves_champion_and_records_the_reason(tmp_path, store):
+    first = register(tmp_path, store, "a", 0.5)
+    worse = register(tmp_path, store, "b", 0.4)
+    change = registry.promote("skin", worse.version, "better on the new clinic's images")
+    assert registry.current_champion("skin") == worse.version == change.version
+    tags = MlflowClient().get_model_version("skin", worse.version).tags
+    assert tags["promotion_decision"] == "manual: better on the new clinic's images"
+    assert tags["previous_champion"] == first.version == change.previous_champion
+    with pytest.raises(registry.RegistryError, match="already the champion"):
+        registry.promote("skin", worse.version, "again")
+
+
+def test_promote_unknown_version_lists_versions_and_keeps_champion(tmp_path, store):
+    first = register(tmp_path, store, "a", 0.5)
+    with pytest.raises(registry.RegistryError, match=rf"no version 42; versions: {first.version}"):
+        registry.promote("skin", "42", "typo")
+    assert registry.current_champion("skin") == first.version
+
+
+def test_rollback_returns_to_the_previous_champion(tmp_path, store):
+    first = register(tmp_path, store, "a", 0.5)
+    second = register(tmp_path, store, "b", 0.6)
+    third = register(tmp_path, store, "c", 0.4)
+    registry.promote("skin", third.version, "manual check")
+    assert registry.rollback("skin").version == second.version
+    assert registry.current_champion("skin") == second.version
+    # Rolling back again walks further back through the recorded history.
+    assert registry.rollback("skin").version == first.version
+    with pytest.raises(registry.RegistryError, match="no earlier champion"):
+        registry.rollback("skin")
+    assert registry.current_champion("skin") == first.version
+
+
+def test_rollback_without_a_previous_champion_is_a_clear_error(tmp_path, store):
+    with pytest.raises(registry.RegistryError, match="no champion"):
+        registry.rollback("skin")
+    first = register(tmp_path, store, "a", 0.5)
+    with pytest.raises(registry.RegistryError, match="no earlier champion"):
+        registry.rollback("skin")
+    assert registry.current_champion("skin") == first.version
+
+
+def test_rollback_falls_back_to_the_previous_promoted_version(tmp_path, store):
+    first = register(tmp_path, store, "a", 0.5)
+    second = register(tmp_path, store, "b", 0.6)
+    # A champion promoted before `previous_champion` was recorded.
+    MlflowClient().delete_model_version_tag("skin", second.version, "previous_champion")
+    assert registry.rollback("skin").version == first.version
+
+
+def test_failed_alias_move_leaves_the_champion(tmp_path, store, monkeypatch):
+    first = register(tmp_path, store, "a", 0.5)
+    second = register(tmp_path, store, "b", 0.4)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("registry unavailable")
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", broken)
+    with pytest.raises(RuntimeError, match="registry unavailable"):
+        registry.promote("skin", second.version, "try")
+    assert registry.current_champion("skin") == first.version
+
+
+def test_cli_registry_show_promote_rollback(tmp_path, store, capsys):
+    from skinsense.cli import main
+
+    first = register(tmp_path, store, "a", 0.5)
+    worse = register(tmp_path, store, "b", 0.4)
+    assert main(["registry", "show", "--name", "skin"]) == 0
+    out = capsys.readouterr().out
+    assert "champion" in out and "challenger" in out and "resnet18" in out
+    assert main(["registry", "promote", "9", "--name", "skin"]) == 1
+    assert f"versions: {first.version}, {worse.version}" in capsys.readouterr().err
+    assert main(["registry", "promote", worse.version, "--name", "skin",
+                 "--reason", "reviewed"]) == 0
+    assert registry.current_champion("skin") == worse.version
+    assert main(["registry", "rollback", "--name", "skin"]) == 0
+    assert registry.current_champion("skin") == first.version
+    assert main(["registry", "rollback", "--name", "skin"]) == 1
+    assert "no earlier champion" in capsys.readouterr().err

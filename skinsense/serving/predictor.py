@@ -3,23 +3,39 @@
 Preprocessing is the evaluation preset applied to an image decoded and resized exactly like
 the image cache does (`skinsense.data.cache.load_square`: JPEG draft decoding, then `resize_square`), so served predictions match
 what the model was evaluated on.
+
+Two backends compute the same logits: ONNX Runtime, used when the model folder holds a
+`model.onnx` exported from its current weights (see `skinsense.export`), and PyTorch
+otherwise. The softmax is applied here for both.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinsense.data.cache import resize_square
+from skinsense.export import (
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    WEIGHTS_SHA256_KEY,
+    onnx_session,
+    weights_sha256,
+)
 from skinsense.labels import CLASS_CODES
-from skinsense.packaging import ModelCard, load_model_dir
+from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
 from skinsense.presets import make_preset
+
+log = logging.getLogger(__name__)
 
 # Pillow's own bomb guard trips at ~179 Mpx; a dermatoscope image is < 50 Mpx, so refuse early.
 MAX_PIXELS = 40_000_000
@@ -79,19 +95,52 @@ def open_image(data: bytes | str | Path | Image.Image | np.ndarray, *,
 
 @dataclass
 class Predictor:
-    """A loaded model and the preprocessing it was evaluated with."""
+    """A loaded model and the preprocessing it was evaluated with.
 
-    model: torch.nn.Module
+    Exactly one of `model` (PyTorch) and `session` (an ONNX Runtime InferenceSession whose
+    output is logits) is set; `backend` says which.
+    """
+
+    model: torch.nn.Module | None
     card: ModelCard
     source: str = ""
+    session: Any | None = None
 
     def __post_init__(self) -> None:
+        if (self.model is None) == (self.session is None):
+            raise ValueError("a Predictor needs either a torch model or an ONNX Runtime session")
         self._preset = make_preset("eval", mean=self.card.mean, std=self.card.std)
-        self._lock = threading.Lock()  # torch on 2 cores gains nothing from parallel forwards
+        # Either backend already uses every core for one batch; parallel calls only contend.
+        self._lock = threading.Lock()
+
+    @property
+    def backend(self) -> str:
+        """'onnxruntime' or 'torch'."""
+        return "torch" if self.session is None else "onnxruntime"
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path) -> Predictor:
-        model, card = load_model_dir(Path(model_dir))
+    def from_model_dir(cls, model_dir: Path, *,
+                       backend: Literal["auto", "onnxruntime", "torch"] = "auto") -> Predictor:
+        """Load a model folder.
+
+        Args:
+            model_dir: weights.safetensors + model_card.json, optionally model.onnx.
+            backend: 'auto' uses ONNX Runtime when a `model.onnx` made from these weights is
+                there and onnxruntime is installed, else PyTorch; 'onnxruntime' or 'torch'
+                force one (forcing ONNX Runtime without a usable model.onnx raises).
+        """
+        model_dir = Path(model_dir)
+        if backend != "torch":
+            session, why_not = _onnx_session_for(model_dir)
+            if session is not None:
+                card = load_card(model_dir)
+                _check_classes(card, model_dir)
+                return cls(model=None, card=card, source=str(model_dir), session=session)
+            if backend == "onnxruntime":
+                raise FileNotFoundError(f"cannot serve {model_dir} with ONNX Runtime: {why_not}")
+            if why_not != "no model.onnx":
+                log.warning("serving %s with PyTorch: %s", model_dir, why_not)
+        model, card = load_model_dir(model_dir)
         return cls(model=model, card=card, source=str(model_dir))
 
     def preprocess(self, images: list) -> torch.Tensor:
@@ -105,9 +154,36 @@ class Predictor:
         """Probabilities (N, 7) in CLASS_CODES order."""
         batch = self.preprocess(images)
         with self._lock:
-            logits = self.model(batch)
+            if self.session is not None:
+                inputs = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+                logits = torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])
+            else:
+                logits = self.model(batch)
         return torch.softmax(logits.float(), dim=1).numpy()
 
     def classify(self, image) -> dict[str, float]:
         """One image -> {class code: probability}."""
         return dict(zip(CLASS_CODES, map(float, self.predict_proba([image])[0]), strict=True))
+
+
+def _check_classes(card: ModelCard, model_dir: Path) -> None:
+    if card.class_codes != list(CLASS_CODES):
+        raise ValueError(f"model in {model_dir} predicts classes {card.class_codes}, this "
+                         f"SkinSense expects {list(CLASS_CODES)}")
+
+
+def _onnx_session_for(model_dir: Path) -> tuple[Any | None, str]:
+    """(session, '') when model.onnx is usable for this folder, else (None, why not)."""
+    onnx_path = model_dir / ONNX_FILE
+    if not onnx_path.is_file():
+        return None, "no model.onnx"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None, "onnxruntime is not installed"
+    session = onnx_session(onnx_path)
+    recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_SHA256_KEY)
+    # Retraining into the same folder replaces the weights; an older export must not win.
+    if (model_dir / WEIGHTS_FILE).is_file() and recorded != weights_sha256(model_dir):
+        return None, f"{ONNX_FILE} was not exported from the current {WEIGHTS_FILE}"
+    return session, ""

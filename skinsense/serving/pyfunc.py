@@ -2,7 +2,9 @@
 
 `mlflow.pyfunc.load_model("models:/skinsense@champion").predict(df)` takes a DataFrame with a
 column `image` (raw bytes, or base64 text as sent over MLflow's REST scoring) and returns a
-DataFrame of the seven class probabilities.
+DataFrame of the seven class probabilities. The model runs on ONNX Runtime when the registered
+folder holds `model.onnx` (every version registered by `skinsense.registry` does), else on
+PyTorch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ MODEL_DIR_ARTIFACT = "model_dir"
 
 
 class SkinSensePyfunc(mlflow.pyfunc.PythonModel):
-    """Wraps a model folder (weights.safetensors + model_card.json)."""
+    """Wraps a model folder (weights.safetensors + model_card.json, optionally model.onnx)."""
 
     def load_context(self, context) -> None:
         self.predictor = Predictor.from_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))

@@ -1,0 +1,149 @@
+"""ONNX export of a model folder, for fast CPU serving with ONNX Runtime.
+
+`export_onnx` writes `model.onnx` next to `weights.safetensors` and `model_card.json`. The
+graph takes what the evaluation preset produces (float32, NCHW, normalized with the card's
+mean and std, side `card.image_size`) with a dynamic batch axis, and returns raw logits
+(N, 7) in the card's class order; the predictor applies the softmax, exactly as it does for
+the PyTorch model. The file is self-contained (no external data file) and records the
+SHA-256 of the weights it was exported from, so a stale export is never served.
+
+It uses PyTorch's torch.export-based exporter (`dynamo=True`, which needs onnxscript): the
+TorchScript-based exporter is deprecated in torch 2.14 and slated for removal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skinsense.packaging import WEIGHTS_FILE, load_model_dir
+
+ONNX_FILE = "model.onnx"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+WEIGHTS_SHA256_KEY = "skinsense.weights_sha256"
+# Opset 20 is torch 2.14's default (so no version conversion runs) and ONNX Runtime has run
+# it since 1.17; pinned so a torch upgrade cannot silently need a newer runtime.
+OPSET = 20
+
+
+class OnnxMismatchError(RuntimeError):
+    """The exported ONNX model does not compute what the PyTorch model computes."""
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 of a model folder's `weights.safetensors`."""
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_onnx(model_dir: Path, out_path: Path | None = None) -> Path:
+    """Export a model folder's network to ONNX and check the file with `onnx.checker`.
+
+    Args:
+        model_dir: a model folder (weights.safetensors + model_card.json).
+        out_path: where to write; default `model_dir / "model.onnx"`.
+
+    Returns:
+        The path of the written ONNX file (input `image`: float32 (batch, 3, S, S),
+        normalized; output `logits`: float32 (batch, num_classes), before softmax).
+
+    Raises:
+        Exception: whatever the exporter or the checker raises; no partial file is left.
+    """
+    import onnx
+
+    model_dir = Path(model_dir)
+    model, card = load_model_dir(model_dir)
+    out_path = Path(out_path) if out_path is not None else model_dir / ONNX_FILE
+    size = card.image_size
+    # A batch of 2 in the example: torch.export specializes a dimension whose example is 1.
+    example = torch.zeros(2, 3, size, size)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, verbose=False, opset_version=OPSET,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        external_data=False)
+    program.model.metadata_props[WEIGHTS_SHA256_KEY] = weights_sha256(model_dir)
+    program.model.metadata_props["skinsense.arch"] = card.arch
+    program.model.metadata_props["skinsense.output"] = "logits"
+    # Write beside the target and rename, so a failed export never leaves a half file that
+    # the predictor (or a registry upload of the folder) would pick up.
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        program.save(str(tmp), external_data=False)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (the affinity mask, which containers narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return max(1, os.cpu_count() or 1)
+
+
+def onnx_session(onnx_path: Path, *, threads: int | None = None):
+    """An ONNX Runtime CPU session for `onnx_path` with one intra-op thread per core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or cpu_threads()
+    # One request at a time already fills the cores; inter-op parallelism only oversubscribes.
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def check_onnx_agrees(model_dir: Path, *, atol: float = 1e-4, n: int = 4, seed: int = 0) -> float:
+    """Run PyTorch and ONNX Runtime on the same random inputs and compare the logits.
+
+    Both run in fp32 on the CPU. The inputs are standard-normal, which is what normalized
+    images look like; the batch of `n` and a single image are both checked, so the dynamic
+    batch axis is exercised too.
+
+    Args:
+        model_dir: a model folder holding `model.onnx` (see `export_onnx`).
+        atol: the largest acceptable absolute difference of any logit.
+        n: batch size of the random inputs.
+        seed: seed of the inputs (a local generator; the global RNG is untouched).
+
+    Returns:
+        The largest absolute difference seen.
+
+    Raises:
+        FileNotFoundError: there is no `model.onnx` in `model_dir`.
+        OnnxMismatchError: the difference is above `atol`.
+    """
+    model_dir = Path(model_dir)
+    onnx_path = model_dir / ONNX_FILE
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{model_dir} holds no {ONNX_FILE}; run export_onnx first")
+    model, card = load_model_dir(model_dir)
+    session = onnx_session(onnx_path)
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(n, 3, card.image_size, card.image_size, generator=generator)
+    max_diff = 0.0
+    for inputs in (batch, batch[:1]):
+        with torch.inference_mode():
+            expected = model(inputs).float().numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(inputs.numpy())})[0]
+        if got.shape != expected.shape:
+            raise OnnxMismatchError(f"ONNX output shape {got.shape}, PyTorch {expected.shape}")
+        max_diff = max(max_diff, float(np.max(np.abs(got - expected))))
+    if not max_diff <= atol:  # also catches NaN
+        raise OnnxMismatchError(
+            f"{onnx_path}: ONNX Runtime and PyTorch logits differ by up to {max_diff:.3g} "
+            f"(allowed {atol:g})")
+    return max_diff

@@ -1,0 +1,105 @@
+"""ONNX export computes what PyTorch computes, and the predictor serves it with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from skinsense.export import ONNX_FILE, OnnxMismatchError, check_onnx_agrees, export_onnx
+from skinsense.models import build_model
+from skinsense.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
+from skinsense.serving.app import EXAMPLES_DIR
+from skinsense.serving.predictor import Predictor
+
+SIZE = 64
+
+
+def calibrated_model(arch: str) -> torch.nn.Module:
+    """A random-weight model whose output depends on its input.
+
+    Freshly initialised EfficientNets shrink activations to ~1e-14 by the last stage, so
+    every input gives the same logits and any export would "agree". Batch-norm statistics
+    taken from one random batch keep each layer at unit scale, as trained weights do.
+    """
+    model = build_model(arch, image_size=SIZE)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, SIZE, SIZE))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["resnet18", "efficientnet_b0"])
+def exported(request, tmp_path_factory):
+    """(arch, model folder with model.onnx)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = calibrated_model(request.param)
+    model_dir = save_model_dir(model, ModelCard(arch=request.param, image_size=SIZE),
+                               tmp_path_factory.mktemp(request.param))
+    export_onnx(model_dir)
+    return request.param, model_dir
+
+
+def test_onnx_agrees_with_pytorch(exported):
+    _, model_dir = exported
+    assert check_onnx_agrees(model_dir, atol=1e-4, n=4, seed=0) < 1e-4
+
+
+def test_export_is_one_self_contained_file(exported):
+    import onnx
+
+    _, model_dir = exported
+    assert sorted(p.name for p in model_dir.iterdir()) == [ONNX_FILE, "model_card.json",
+                                                           WEIGHTS_FILE]
+    model = onnx.load(str(model_dir / ONNX_FILE))
+    onnx.checker.check_model(model, full_check=True)
+    (image,), (logits,) = model.graph.input, model.graph.output
+    assert image.name == "image" and logits.name == "logits"
+    assert image.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [3, SIZE, SIZE]
+
+
+def test_predictor_uses_onnxruntime_and_matches_torch(exported):
+    _, model_dir = exported
+    onnx_predictor = Predictor.from_model_dir(model_dir)
+    torch_predictor = Predictor.from_model_dir(model_dir, backend="torch")
+    assert onnx_predictor.backend == "onnxruntime" and onnx_predictor.model is None
+    assert torch_predictor.backend == "torch"
+    images = [p.read_bytes() for p in sorted(EXAMPLES_DIR.glob("*.jpg"))[:3]]
+    from_onnx = onnx_predictor.predict_proba(images)
+    from_torch = torch_predictor.predict_proba(images)
+    assert from_onnx.shape == (3, 7)
+    np.testing.assert_allclose(from_onnx, from_torch, rtol=0, atol=1e-4)
+    # The check would pass trivially if the model ignored its input.
+    assert np.abs(from_torch[0] - from_torch[1]).max() > 1e-3
+
+
+def test_folder_without_onnx_is_served_by_torch(tmp_path):
+    with torch.random.fork_rng():
+        model_dir = save_model_dir(build_model("resnet18", image_size=32),
+                                   ModelCard(arch="resnet18", image_size=32), tmp_path / "m")
+    predictor = Predictor.from_model_dir(model_dir)
+    assert predictor.backend == "torch"
+    with pytest.raises(FileNotFoundError, match="no model.onnx"):
+        Predictor.from_model_dir(model_dir, backend="onnxruntime")
+
+
+def test_stale_onnx_is_not_served_and_fails_the_check(exported, tmp_path):
+    arch, model_dir = exported
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    for name in (ONNX_FILE, "model_card.json"):
+        (stale / name).write_bytes((model_dir / name).read_bytes())
+    # New weights in the folder, as when training writes into it again after an export.
+    state = {k: (v * 1.5 if v.is_floating_point() else v)
+             for k, v in load_file(str(model_dir / WEIGHTS_FILE)).items()}
+    save_file(state, str(stale / WEIGHTS_FILE))
+    assert Predictor.from_model_dir(stale).backend == "torch"
+    with pytest.raises(OnnxMismatchError, match="differ"):
+        check_onnx_agrees(stale)
