@@ -10,45 +10,82 @@ from pathlib import Path
 from skinsense.serving.predictor import Predictor
 
 
-@dataclass
+def utc_now() -> str:
+    """The current time as an ISO 8601 UTC string (what /health reports)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """A predictor and where it came from (shown by /health and the app's footer)."""
+    """A predictor and where it came from (shown by /health and the app's footer).
+
+    Frozen: the app swaps whole `LoadedModel`s, so a request that holds one sees a
+    predictor and a version that belong together.
+    """
 
     predictor: Predictor
     model_uri: str
     model_name: str | None = None
     version: str | None = None
-    loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    loaded_at: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model URI points at right now."""
+
+    model_name: str | None
+    version: str | None
+    # The URI to load: an alias is replaced by the version it points at, so the predictor
+    # and the reported version cannot disagree when the alias moves during the load.
+    pinned_uri: str
 
 
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
 
-def load_model(model_uri: str) -> LoadedModel:
+def is_model_dir(model_uri: str) -> bool:
+    """True when `model_uri` is a local model folder rather than an MLflow URI."""
+    return Path(model_uri).expanduser().is_dir()
+
+
+def resolve_model(model_uri: str) -> ResolvedModel:
+    """Resolve an alias URI to the version it points at now (one registry call).
+
+    Raises:
+        mlflow's MlflowException: the alias or registry does not exist or cannot be reached.
+    """
+    if is_model_dir(model_uri):
+        return ResolvedModel(None, None, str(Path(model_uri).expanduser().resolve()))
+    if m := _ALIAS_URI.match(model_uri):
+        from mlflow import MlflowClient
+
+        version = str(MlflowClient().get_model_version_by_alias(m["name"], m["alias"]).version)
+        return ResolvedModel(m["name"], version, f"models:/{m['name']}/{version}")
+    if m := _VERSION_URI.match(model_uri):
+        return ResolvedModel(m["name"], m["version"], model_uri)
+    return ResolvedModel(None, None, model_uri)
+
+
+def load_model(model_uri: str, resolved: ResolvedModel | None = None) -> LoadedModel:
     """Load `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...` or a model folder path.
+
+    Args:
+        model_uri: what the app was asked to serve (kept for /health).
+        resolved: `resolve_model(model_uri)` when the caller already has it.
 
     Raises:
         FileNotFoundError / mlflow's MlflowException: with the URI in the message.
     """
-    path = Path(model_uri).expanduser()
-    if path.is_dir():
-        return LoadedModel(Predictor.from_model_dir(path), model_uri=str(path.resolve()))
+    resolved = resolved or resolve_model(model_uri)
+    if is_model_dir(resolved.pinned_uri):
+        return LoadedModel(Predictor.from_model_dir(Path(resolved.pinned_uri)),
+                           model_uri=resolved.pinned_uri)
 
     import mlflow
-    from mlflow import MlflowClient
 
-    name = version = None
-    if m := _ALIAS_URI.match(model_uri):
-        name = m["name"]
-        version = str(MlflowClient().get_model_version_by_alias(name, m["alias"]).version)
-        # Pin the version so the predictor and the reported version cannot disagree.
-        model_uri_pinned = f"models:/{name}/{version}"
-    elif m := _VERSION_URI.match(model_uri):
-        name, version = m["name"], m["version"]
-        model_uri_pinned = model_uri
-    else:
-        model_uri_pinned = model_uri
-    pyfunc = mlflow.pyfunc.load_model(model_uri_pinned)
+    pyfunc = mlflow.pyfunc.load_model(resolved.pinned_uri)
     predictor = pyfunc.unwrap_python_model().predictor
-    return LoadedModel(predictor, model_uri=model_uri, model_name=name, version=version)
+    return LoadedModel(predictor, model_uri=model_uri, model_name=resolved.model_name,
+                       version=resolved.version)

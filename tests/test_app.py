@@ -1,0 +1,412 @@
+"""The app through real servers: classification, bad input, /health, /reload, hot reload, load.
+
+One app process serves `models:/skin@champion` from a temporary SQLite MLflow store for the
+whole module and checks the alias every half second; tests move the alias and watch it.
+The helpers here (`app_store`, `register_version`, `running_app`) are shared with
+test_deploy.py and test_app_browser.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from skinsense import registry, tracking
+from skinsense.export import ONNX_FILE
+from skinsense.models import build_model
+from skinsense.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
+from skinsense.paths import Home
+from skinsense.serving.app import SERVE_CONFIG_ENV, example_images
+from skinsense.serving.deploy import health, stop_app  # noqa: F401 (re-exported for others)
+
+MODEL_NAME = "skin"
+CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
+
+
+# -- helpers shared with test_deploy.py and test_app_browser.py --------------------------
+
+
+@dataclass
+class Store:
+    """A temporary SKINSENSE_HOME with its SQLite MLflow store, configured in this process."""
+
+    home: Home
+    uri: str
+    experiment_id: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What an app subprocess needs to find the same store."""
+        return {"MLFLOW_TRACKING_URI": self.uri, "SKINSENSE_HOME": str(self.home.root)}
+
+
+@contextmanager
+def app_store(root: Path) -> Iterator[Store]:
+    """Point this process's MLflow at a fresh store under `root`; restore it afterwards."""
+    previous = mlflow.get_tracking_uri()
+    patch = pytest.MonkeyPatch()
+    home = Home(root).ensure()
+    uri = f"sqlite:///{home.mlflow / 'mlflow.db'}"
+    patch.setenv("SKINSENSE_HOME", str(root))
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        tracking.configure(home)
+        yield Store(home, uri, tracking.ensure_experiment("skinsense-app-test", home))
+    finally:
+        patch.undo()
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
+
+
+def save_tiny_model(out_dir: Path, *, score: float = 0.5) -> Path:
+    """A 32 px resnet18 model folder (weights and card, no ONNX export)."""
+    with torch.random.fork_rng():
+        model = build_model("resnet18", image_size=32)
+    return save_model_dir(model, ModelCard(arch="resnet18", image_size=32,
+                                           metrics={"test_balanced_accuracy": score}), out_dir)
+
+
+_TEMPLATE: list[Path] = []
+
+
+def exported_template(tmp_path_factory) -> Path:
+    """One tiny model folder with its ONNX export, made once per test session.
+
+    Exporting to ONNX takes 6-15 s on 2 cores; every registered test version copies this
+    folder instead (identical weights are fine: what the tests follow is the version).
+    """
+    if not _TEMPLATE:
+        from skinsense.export import export_onnx
+
+        model_dir = save_tiny_model(tmp_path_factory.mktemp("template") / "model")
+        export_onnx(model_dir)
+        _TEMPLATE.append(model_dir)
+    return _TEMPLATE[0]
+
+
+def register_version(store: Store, template: Path, *, broken: bool = False,
+                     champion: bool = True) -> str:
+    """Register a copy of `template` (and make it the champion); returns its version.
+
+    `broken` registers a folder whose weights and ONNX file are corrupt, as a damaged
+    artifact store would hand out: it registers fine and fails when the app loads it.
+    """
+    client = MlflowClient()
+    run_id = client.create_run(store.experiment_id).info.run_id
+    model_dir = store.home.root / "models" / run_id
+    shutil.copytree(template, model_dir)
+    if broken:
+        for name in (WEIGHTS_FILE, ONNX_FILE):
+            (model_dir / name).write_bytes(b"corrupt" * 100)
+    with pytest.MonkeyPatch.context() as patch:
+        # The template is exported and checked already; raising=False keeps these tests
+        # working (only slower) should the registry rename its helpers.
+        patch.setattr(registry, "export_onnx", lambda d, *a, **k: Path(d) / ONNX_FILE,
+                      raising=False)
+        patch.setattr(registry, "check_onnx_agrees", lambda *a, **k: 0.0, raising=False)
+        version = registry.register_candidate(model_dir, run_id=run_id, model_name=MODEL_NAME,
+                                              metric="balanced_accuracy", score=0.5, tags={})
+    client.set_terminated(run_id)
+    if champion:
+        client.set_registered_model_alias(MODEL_NAME, registry.CHAMPION, version)
+    return version
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(model_uri: str, log_path: Path, *, env: dict[str, str] | None = None,
+                serve_config: dict | None = None, timeout_s: float = 120.0) -> Iterator[str]:
+    """`skinsense serve` in its own session on a free port; yields its URL, then stops it."""
+    port = free_tcp_port()
+    url = f"http://127.0.0.1:{port}"
+    child_env = {**os.environ, **(env or {}), SERVE_CONFIG_ENV: json.dumps(serve_config or {})}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "skinsense.cli", "serve", "--model-uri", model_uri,
+             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, env=child_env)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while health(url) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition"):
+    """Poll `condition()` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def classify(client, path: Path | str) -> tuple[dict, str]:
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), api_name="/classify")
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Iterator[Store]:
+    with app_store(tmp_path_factory.mktemp("app-home")) as store:
+        yield store
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return exported_template(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def app(store, template, tmp_path_factory) -> Iterator[str]:
+    register_version(store, template)
+    log_path = tmp_path_factory.mktemp("app-log") / "app.log"
+    with running_app(CHAMPION_URI, log_path, env=store.env,
+                     serve_config={"reload_interval_s": 0.5, "max_file_size_mb": 2}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from gradio_client import Client
+
+    return Client(app, verbose=False)
+
+
+# -- classification and bad input ----------------------------------------------------------
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def bad_inputs() -> dict[str, tuple[bytes, str | None]]:
+    """name -> (file bytes, expected refusal text or None when it must be classified)."""
+    real = Image.open(example_images()[0])
+    jpeg = encode(real, "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; "rotate 90 CW to display"
+    return {
+        "not_an_image.jpg": (b"GIF89a? no, just some text pretending", "not a readable image"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "not a readable image"),
+        # Mode "1" keeps the 20000x20000 file small and quick to make; its header is the bomb.
+        "bomb.png": (encode(Image.new("1", (20000, 20000)), "PNG"), "too large"),
+        "one_pixel.png": (encode(Image.new("RGB", (1, 1), "red"), "PNG"), "at least 16x16"),
+        "grayscale.jpg": (encode(real.convert("L"), "JPEG"), None),
+        "rgba.png": (encode(real.convert("RGBA"), "PNG"), None),
+        "lesion.webp": (encode(real, "WEBP"), None),
+        "exif_rotated.jpg": (encode(real.transpose(Image.Transpose.ROTATE_90), "JPEG",
+                                    exif=exif), None),
+    }
+
+
+BAD_INPUTS = bad_inputs()
+
+
+def test_a_real_sample_is_classified(client):
+    from skinsense.labels import CLASS_CODES
+    from skinsense.serving.app import label_text
+
+    label, details = classify(client, example_images()[0])
+    assert label["label"] in {label_text(code) for code in CLASS_CODES}
+    assert len(label["confidences"]) == 3
+    assert sum(c["confidence"] for c in label["confidences"]) <= 1.0 + 1e-6
+    assert "Answered by model version" in details
+    assert details.count("\n- ") == 2  # three described classes
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_classified_or_refused_and_the_app_keeps_serving(client, app, name,
+                                                                      tmp_path):
+    from gradio_client.exceptions import AppError
+
+    data, refusal = BAD_INPUTS[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    if refusal is None:
+        label, _ = classify(client, path)
+        assert label["confidences"]
+    else:
+        with pytest.raises(AppError, match=refusal) as caught:
+            classify(client, path)
+        assert str(tmp_path) not in str(caught.value) and "/tmp/gradio" not in str(caught.value)
+    assert health(app)["status"] == "ok"
+
+
+def test_an_exif_rotated_upload_is_turned_upright_before_classifying(client, tmp_path):
+    # The same pixels once stored upright and once stored rotated with an EXIF tag must get
+    # (nearly) the same answer; ignoring the tag would feed the network a rotated lesion.
+    real = Image.open(example_images()[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "upright.png").write_bytes(encode(real, "PNG"))
+    (tmp_path / "tagged.png").write_bytes(
+        encode(real.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif))
+    upright, _ = classify(client, tmp_path / "upright.png")
+    tagged, _ = classify(client, tmp_path / "tagged.png")
+    assert [c["label"] for c in tagged["confidences"]] == [c["label"] for c in upright["confidences"]]
+    assert [c["confidence"] for c in tagged["confidences"]] == pytest.approx(
+        [c["confidence"] for c in upright["confidences"]], abs=1e-4)
+
+
+def test_an_upload_over_the_size_limit_is_refused(client, app, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))  # the app allows 2 MB
+    with pytest.raises(Exception, match="(?i)size|large"):
+        classify(client, big)
+    assert health(app)["status"] == "ok"
+
+
+def test_health_describes_the_served_model(app):
+    state = health(app)
+    assert state["status"] == "ok"
+    assert state["model_name"] == MODEL_NAME and state["version"]
+    assert state["model_uri"] == CHAMPION_URI
+    assert state["arch"] == "resnet18" and state["image_size"] == 32
+    assert state["backend"] == "onnxruntime"  # registered versions carry model.onnx
+    assert state["reload_error"] is None and state["reload_interval_s"] == 0.5
+    for key in ("loaded_at", "last_check_at", "backend", "trained_at"):
+        assert state[key]
+
+
+def test_the_app_binds_loopback_only(app):
+    port = int(app.rsplit(":", 1)[1])
+    addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
+                                                           socket.AF_INET)}
+    for address in addresses - {"127.0.0.1", "127.0.1.1"}:
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(1)
+            s.connect((address, port))
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+def test_reload_is_refused_to_other_machines_and_allowed_locally(tmp_path):
+    from starlette.testclient import TestClient
+
+    from skinsense.config import ServeConfig
+    from skinsense.serving.app import create_server
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    server = create_server(str(model_dir), ServeConfig(reload_interval_s=0))
+    with TestClient(server, client=("10.0.0.1", 1234)) as remote:
+        response = remote.post("/reload")
+        assert response.status_code == 403 and "this machine" in response.json()["detail"]
+        assert remote.get("/health").status_code == 200  # health is public
+    with TestClient(server, client=("127.0.0.1", 1234)) as local:
+        response = local.post("/reload?force=1")
+        assert response.status_code == 200 and response.json()["swapped"] is True
+
+
+def test_the_app_follows_the_champion_alias(app, store, template):
+    before = health(app)["version"]
+    version = register_version(store, template)
+    assert version != before
+    state = wait_for(lambda: (s := health(app)) and s["version"] == version and s,
+                     what=f"version {version} on /health")
+    assert state["reload_error"] is None and state["last_reload_at"]
+    _, details = classify_fresh(app)
+    assert f"version {version}" in details
+
+
+def classify_fresh(url: str) -> tuple[dict, str]:
+    from gradio_client import Client
+
+    return classify(Client(url, verbose=False), example_images()[1])
+
+
+def test_a_broken_champion_is_not_served_and_health_says_so(app, store, template):
+    served = health(app)["version"]
+    broken = register_version(store, template, broken=True)
+    state = wait_for(lambda: (s := health(app)) and s["reload_error"] and s,
+                     what="reload_error on /health")
+    assert state["version"] == served
+    assert f"version {broken} failed to load" in state["reload_error"]
+    assert f"still serving version {served}" in state["reload_error"]
+    label, details = classify_fresh(app)
+    assert label["label"] and f"version {served}" in details
+    # A good champion afterwards clears the error.
+    good = register_version(store, template)
+    state = wait_for(lambda: (s := health(app)) and s["version"] == good and s,
+                     what=f"version {good}")
+    assert state["reload_error"] is None
+
+
+@pytest.mark.slow
+def test_eight_clients_and_a_champion_swap_under_load(app, store, template):
+    from gradio_client import Client
+
+    clients, per_client = 8, 25
+    samples = example_images()
+    answered_by: list[str] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    started = threading.Barrier(clients + 1)
+
+    def work(i: int) -> None:
+        client = Client(app, verbose=False)
+        started.wait()
+        for j in range(per_client):
+            try:
+                label, details = classify(client, samples[(i + j) % len(samples)])
+                assert label["confidences"]
+                with lock:
+                    answered_by.append(details.rsplit("version ", 1)[1].split(".")[0])
+            except Exception as exc:  # noqa: BLE001 (every failure is reported below)
+                with lock:
+                    failures.append(f"client {i} request {j}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    before = health(app)["version"]
+    wait_for(lambda: len(answered_by) >= 40, what="the load to get going")
+    new_version = register_version(store, template)
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not failures, failures[:5]
+    assert len(answered_by) == clients * per_client
+    assert health(app)["version"] == new_version
+    # The swap happened during the load: both versions answered requests.
+    assert {before, new_version} <= set(answered_by)
