@@ -271,4 +271,4 @@ def deploy_champion(cfg: ServeConfig, home: Home, *, expected_version: str | Non
     return deploy_app(f"models:/{cfg.model_name}@champion", expected_version=expected_version,
                       app_dir=home.app, host=cfg.host, port=cfg.port,
                       env={"MLFLOW_TRACKING_URI": uri, "SKINSENSE_HOME": str(home.root)},
-                      startup_timeout_s=cfg.startup_timeout_s)
+                      startup_timeout_s=cfg.startup_timeout_s, serve_config=cfg)
