@@ -156,6 +156,33 @@ def _short_number(text: str) -> str:
         return text
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from skinsense import stack
+    from skinsense.paths import Home
+
+    home = Home.default()
+    if args.action == "up":
+        records = stack.up(home, host=args.host, prefect_port=args.prefect_port,
+                           mlflow_port=args.mlflow_port, app_port=args.app_port,
+                           with_app=not args.no_app)
+        print(stack.format_status(records))
+        print(f"logs and pid files: {stack.stack_dir(home)}")
+    elif args.action == "status":
+        records = stack.status(home)
+        print(stack.format_status(records))
+        return 0 if all(r["running"] for r in records if r["name"] != stack.APP) else 3
+    else:
+        stopped = stack.down(home)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    # Imported only here: `skinsense` itself never imports prefect.
+    importlib.import_module("deployments.serve").main()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skinsense",
@@ -218,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("rollback", help="move the champion back to the one it replaced")
     a.add_argument("--name", default="skinsense", help="registered model name")
     p.set_defaults(func=cmd_registry)
+    p = sub.add_parser("stack", help="local Prefect + MLflow servers, deployment runner and app")
+    p.add_argument("action", choices=["up", "status", "down"])
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default loopback; 0.0.0.0 exposes the UIs)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--app-port", type=int, default=7860)
+    p.add_argument("--no-app", action="store_true", help="do not start the app")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("deploy", help="Prefect deployments of the pipeline")
+    p.add_argument("action", choices=["serve"],
+                   help="serve: register 'manual' and 'scheduled-retraining' and run them "
+                        "from this process (needs PREFECT_API_URL)")
+    p.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -1,0 +1,405 @@
+"""The local stack: Prefect server, MLflow server, deployment runner and app on one machine.
+
+`up` starts each part as a background process (its own session, so it outlives the shell
+that started it) with a pid file and a log under `SKINSENSE_HOME/stack/`, and waits until
+it answers; `status` reports them; `down` stops them. Everything binds to loopback unless the
+caller asks for another interface. No Docker is needed; for a team, see docker-compose.yml.
+
+This module only launches commands (`python -m prefect server start`, `python -m mlflow
+server`, `python -m deployments.serve`, `python -m skinsense.cli serve`) and talks HTTP to
+them, so `skinsense` keeps its rule of never importing the orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skinsense.paths import Home
+
+PREFECT = "prefect-server"
+MLFLOW = "mlflow-server"
+RUNNER = "runner"
+APP = "app"
+SERVICES = (PREFECT, MLFLOW, RUNNER, APP)
+
+# The pipeline registers its model under this name (ServeConfig.model_name).
+MODEL_NAME = "skinsense"
+RUNNER_DEPLOYMENT = "skinsense-pipeline/manual"
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not start; the message names its log file."""
+
+
+@dataclass(frozen=True)
+class _Service:
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    url: str  # what a person opens (or the API the part serves)
+    health_url: str
+    pid_file: Path
+    log_file: Path
+    cwd: Path = field(default_factory=Path.cwd)
+
+
+def _home(home: Home | Path | str) -> Home:
+    return home if isinstance(home, Home) else Home(Path(home).expanduser().resolve())
+
+
+def stack_dir(home: Home | Path | str) -> Path:
+    """`SKINSENSE_HOME/stack`: pid files, logs and `stack.json` of the running stack."""
+    return _home(home).root / "stack"
+
+
+def project_root() -> Path:
+    """The checkout holding `flows/` and `deployments/` (the runner's working directory)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _client_host(host: str) -> str:
+    # A server bound to every interface is still reached through loopback from here.
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _allowed_hosts(host: str) -> str:
+    """MLflow's Host-header allow list (it compares `host:port` as sent by the client)."""
+    names = ["localhost", "127.0.0.1"]
+    if host not in ("0.0.0.0", "::", "", *names):
+        names.append(host)
+    if host in ("0.0.0.0", "::"):
+        names.append(socket.gethostname())
+    return ",".join(f"{n},{n}:*" for n in names)
+
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 200 <= response.status < 300
+    except (OSError, ValueError):
+        return False
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((_client_host(host), port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours, not yet reaped, still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def _services(home: Home, *, host: str, prefect_port: int, mlflow_port: int,
+              app_port: int) -> dict[str, _Service]:
+    sdir = stack_dir(home)
+    client = _client_host(host)
+    prefect_url = f"http://{client}:{prefect_port}"
+    mlflow_url = f"http://{client}:{mlflow_port}"
+    app_url = f"http://{client}:{app_port}"
+    prefect_home = os.environ.get("PREFECT_HOME") or str(home.root / "prefect")
+    common = {
+        **os.environ,
+        "SKINSENSE_HOME": str(home.root),
+        "PREFECT_HOME": prefect_home,
+        "PREFECT_API_URL": f"{prefect_url}/api",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        # Offline machines: no telemetry, no update checks.
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    py = sys.executable
+    return {
+        PREFECT: _Service(
+            PREFECT, [py, "-m", "prefect", "server", "start", "--host", host,
+                      "--port", str(prefect_port)],
+            common, prefect_url, f"{prefect_url}/api/health",
+            sdir / f"{PREFECT}.pid", sdir / f"{PREFECT}.log", home.root),
+        MLFLOW: _Service(
+            MLFLOW, [py, "-m", "mlflow", "server",
+                     # The same SQLite file the embedded store uses: runs made before the
+                     # stack existed show up in its UI.
+                     "--backend-store-uri", f"sqlite:///{home.mlflow / 'mlflow.db'}",
+                     "--artifacts-destination", str(home.mlflow / "artifacts"),
+                     "--host", host, "--port", str(mlflow_port),
+                     # One worker is plenty for one team member and saves ~300 MB per worker.
+                     "--workers", "1",
+                     "--allowed-hosts", _allowed_hosts(host)],
+            common, mlflow_url, f"{mlflow_url}/health",
+            sdir / f"{MLFLOW}.pid", sdir / f"{MLFLOW}.log", home.mlflow),
+        RUNNER: _Service(
+            RUNNER, [py, "-m", "deployments.serve"],
+            {**common, "SKINSENSE_APP_HOST": host, "SKINSENSE_APP_PORT": str(app_port)},
+            f"{prefect_url}/deployments",
+            f"{prefect_url}/api/deployments/name/{RUNNER_DEPLOYMENT}",
+            sdir / f"{RUNNER}.pid", sdir / f"{RUNNER}.log", project_root()),
+        # The same pid file and log as the app the pipeline's deploy step starts, so that a
+        # retraining run replaces this app instead of fighting it for the port.
+        APP: _Service(
+            APP, [py, "-m", "skinsense.cli", "serve", "--model-uri",
+                  f"models:/{MODEL_NAME}@champion", "--host", host, "--port", str(app_port)],
+            common, app_url, f"{app_url}/health", home.app / "app.pid", home.app / "app.log",
+            home.root),
+    }
+
+
+def _log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _start(service: _Service) -> subprocess.Popen:
+    service.log_file.parent.mkdir(parents=True, exist_ok=True)
+    service.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(service.log_file, "ab") as log:
+        log.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(service.cmd)}\n"
+                  .encode())
+        log.flush()
+        process = subprocess.Popen(service.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=service.cwd, env=service.env,
+                                   start_new_session=True)
+    service.pid_file.write_text(str(process.pid))
+    return process
+
+
+def _wait_healthy(services: list[tuple[_Service, subprocess.Popen]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(services)
+    while pending:
+        for service, process in list(pending):
+            if process.poll() is not None:
+                _stop_pid(service.pid_file)
+                raise StackError(
+                    f"{service.name} exited with code {process.returncode} while starting; "
+                    f"see {service.log_file}\n--- end of {service.log_file} ---\n"
+                    f"{_log_tail(service.log_file)}")
+            if _http_ok(service.health_url):
+                pending.remove((service, process))
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(s.name for s, _ in pending)
+            for service, _ in pending:
+                _stop_pid(service.pid_file)
+            service = pending[0][0]
+            raise StackError(
+                f"{names} did not answer within {timeout_s:.0f} s "
+                f"({service.health_url}); see {service.log_file}\n"
+                f"--- end of {service.log_file} ---\n{_log_tail(service.log_file)}")
+        time.sleep(0.5)
+
+
+def _running(service: _Service) -> bool:
+    pid = _read_pid(service.pid_file)
+    return pid is not None and _alive(pid)
+
+
+def champion_exists(mlflow_url: str, model_name: str = MODEL_NAME) -> bool:
+    """Whether the MLflow server at `mlflow_url` has a `champion` version of `model_name`."""
+    query = urllib.parse.urlencode({"name": model_name, "alias": "champion"})
+    return _http_ok(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias?{query}")
+
+
+def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 4200,
+       mlflow_port: int = 5000, app_port: int = 7860, with_app: bool = True,
+       parts: tuple[str, ...] = SERVICES, timeout_s: float = 180.0) -> list[dict]:
+    """Start the stack (parts already running are left alone) and wait until it answers.
+
+    Args:
+        home: SKINSENSE_HOME; pid files and logs go to `home/stack/`.
+        host: interface every part binds to; loopback unless you mean to expose the UIs.
+        prefect_port, mlflow_port, app_port: ports of the Prefect UI/API, the MLflow UI and
+            the app (the runner passes `app_port` to the pipeline's deploy step).
+        with_app: also start the app when a `champion` model exists (otherwise the first
+            pipeline run starts it).
+        parts: which parts to start (default all of `SERVICES`).
+        timeout_s: how long each group of parts may take to answer.
+
+    Returns:
+        `status(home)` once everything answers.
+
+    Raises:
+        StackError: a part exited or did not answer, or a port is taken by something else;
+            the message names the log file.
+    """
+    home = _home(home).ensure()
+    sdir = stack_dir(home)
+    sdir.mkdir(parents=True, exist_ok=True)
+    services = _services(home, host=host, prefect_port=prefect_port, mlflow_port=mlflow_port,
+                         app_port=app_port)
+    (sdir / "stack.json").write_text(json.dumps(
+        {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port,
+         "app_port": app_port, "with_app": with_app}, indent=2))
+
+    unknown = set(parts) - set(SERVICES)
+    if unknown:
+        raise ValueError(f"unknown stack part(s) {sorted(unknown)}; choose from {SERVICES}")
+
+    def launch(names: list[str]) -> None:
+        started = []
+        for name in (n for n in names if n in parts):
+            service = services[name]
+            if _running(service):
+                continue
+            port = int(urllib.parse.urlsplit(service.url).port or 0)
+            if port and name != RUNNER and _port_in_use(host, port):
+                raise StackError(f"port {port} is already in use, so {name} cannot listen "
+                                 f"on it; stop whatever uses it or choose another port")
+            started.append((service, _start(service)))
+        _wait_healthy(started, timeout_s)
+
+    launch([PREFECT, MLFLOW])
+    launch([RUNNER])
+    if with_app and APP in parts and champion_exists(services[MLFLOW].url):
+        launch([APP])
+    return status(home)
+
+
+def _settings(home: Home) -> dict:
+    try:
+        return json.loads((stack_dir(home) / "stack.json").read_text())
+    except (OSError, ValueError):
+        return {"host": "127.0.0.1", "prefect_port": 4200, "mlflow_port": 5000,
+                "app_port": 7860, "with_app": True}
+
+
+def status(home: Home | Path | str) -> list[dict]:
+    """One record per part: name, pid, running, healthy, url, log (and a note when useful)."""
+    home = _home(home)
+    settings = _settings(home)
+    services = _services(home, host=settings["host"], prefect_port=settings["prefect_port"],
+                         mlflow_port=settings["mlflow_port"], app_port=settings["app_port"])
+    records = []
+    for name in SERVICES:
+        service = services[name]
+        pid = _read_pid(service.pid_file)
+        running = pid is not None and _alive(pid)
+        record = {"name": name, "pid": pid if running else None, "running": running,
+                  "healthy": running and _http_ok(service.health_url), "url": service.url,
+                  "log": str(service.log_file)}
+        if name == APP and not running:
+            record["note"] = ("starts after the first pipeline run registers a champion"
+                              if not champion_exists(services[MLFLOW].url) else "not running")
+        records.append(record)
+    return records
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (flow runs the runner started live in sessions of their own)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _stop_pid(pid_file: Path, timeout_s: float = 20.0) -> bool:
+    pid = _read_pid(pid_file)
+    stopped = False
+    if pid is not None and _alive(pid):
+        # Descendants that started sessions of their own (the runner's flow runs) are not
+        # in the process group; remember them before their parent goes away.
+        strays = [p for p in _children(pid) if _pgid(p) not in (pid, None)]
+        targets = [pid, *strays]
+        for target in targets:
+            _signal_group(target, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(t) for t in targets) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for target in targets:
+            if _alive(target):
+                _signal_group(target, signal.SIGKILL)
+        stopped = True
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def down(home: Home | Path | str, *, timeout_s: float = 20.0) -> list[str]:
+    """Stop every part of the stack by its pid file (the whole process group); idempotent.
+
+    The runner goes first so that it takes no new runs, then the app, then the servers.
+
+    Returns:
+        The names of the parts that were running and are now stopped.
+    """
+    home = _home(home)
+    settings = _settings(home)
+    services = _services(home, host=settings["host"], prefect_port=settings["prefect_port"],
+                         mlflow_port=settings["mlflow_port"], app_port=settings["app_port"])
+    stopped = []
+    for name in (RUNNER, APP, MLFLOW, PREFECT):
+        # The runner takes ~20 s to finish its loops on SIGTERM while idle; its flow runs get
+        # SIGTERM directly (they are marked Crashed), so a short grace loses nothing.
+        grace = min(timeout_s, 5.0) if name == RUNNER else timeout_s
+        if _stop_pid(services[name].pid_file, timeout_s=grace):
+            stopped.append(name)
+    return stopped
+
+
+def format_status(records: list[dict]) -> str:
+    """A small table for `skinsense stack status`."""
+    lines = [f"{'part':<15} {'state':<9} {'pid':>7}  url"]
+    for r in records:
+        state = "healthy" if r["healthy"] else "running" if r["running"] else "stopped"
+        line = f"{r['name']:<15} {state:<9} {r['pid'] or '-':>7}  {r['url']}"
+        if r.get("note"):
+            line += f"  ({r['note']})"
+        lines.append(line)
+    return "\n".join(lines)
