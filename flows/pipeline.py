@@ -7,20 +7,32 @@ from prefect.runtime import flow_run
 
 from skinsense.config import PipelineConfig
 from skinsense.paths import Home
-from tasks import data, registry, training
+from tasks import data, registry, reports, training
 
 
 @flow(name="skinsense-pipeline", log_prints=True)
-def skinsense_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
+def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
+                       refresh_data: bool = False) -> dict:
     """Fetch -> validate -> split -> oversample -> cache -> train/evaluate each architecture
-    -> register the best -> promote if better -> deploy the app serving the champion."""
+    -> register the best -> promote if better -> deploy the app serving the champion.
+
+    Args:
+        config: every setting of the run (the Prefect UI renders it as a form).
+        refresh_data: run the data stages again instead of reusing their cached results.
+    """
     home = Home.default().ensure().root
-    fetched = data.fetch(config.data, home)
-    validated = data.validate(fetched, config.data, home)
-    split = data.split(validated, config.data, home)
-    oversampled = data.oversample(split, config.data, home)
+
+    def cached(data_task):
+        return data.with_home_cache(data_task, home, refresh=refresh_data)
+
+    fetched = cached(data.fetch)(config.data, home)
+    validated = cached(data.validate)(fetched, config.data, home)
+    split = cached(data.split)(validated, config.data, home)
+    oversampled = cached(data.oversample)(split, config.data, home)
+    reports.report_data(split, oversampled)
     sizes = data.image_sizes(config)
-    caches = {size: data.cache_images(split, oversampled, size, config.data, home, validated)
+    caches = {size: cached(data.cache_images)(split, oversampled, size, config.data, home,
+                                              validated)
               for size in sorted(set(sizes.values()))}
 
     test_key = f"{validated.fingerprint}:seed{config.data.split_seed}:{split.test_csv.parent.name}"
@@ -30,12 +42,17 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # no
         "mlflow.runName": flow_run.get_name() or "pipeline"}, split=split, oversampled=oversampled)
     candidates = []
     try:
-        for arch in config.train.archs:
-            cache = caches[sizes[arch]]
-            trained = training.train(cache, arch, config, home, oversampled.class_weights,
-                                     parent_run_id, validated.fingerprint)
-            candidates.append(training.evaluate(trained, cache, config.eval, home))
+        args = {arch: (caches[sizes[arch]], arch, config, home, oversampled.class_weights,
+                       parent_run_id, validated.fingerprint) for arch in config.train.archs}
+        if config.train.parallel_archs:
+            futures = {arch: training.train.submit(*a) for arch, a in args.items()}
+            trained = {arch: future.result() for arch, future in futures.items()}
+        else:
+            trained = {arch: training.train(*a) for arch, a in args.items()}
+        for arch, result in trained.items():
+            candidates.append(training.evaluate(result, caches[sizes[arch]], config.eval, home))
         training.compare(candidates, parent_run_id, home)
+        reports.report_metrics(candidates, home)
         best = training.select_best(candidates, config.eval.metric)
         decision = registry.register_and_promote(best, caches, config, home, test_key,
                                                  parent_run_id)
@@ -43,16 +60,18 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # no
         training.finish_run(parent_run_id, home, candidates, failed=True)
         raise
     training.finish_run(parent_run_id, home, candidates)
+    reports.report_promotion(decision)
 
     result = {"best": best.arch, "version": decision.version, "promoted": decision.promoted,
               "reason": decision.reason, "metrics": {c.arch: c.test_metrics for c in candidates}}
     if config.serve.deploy:
         champion = decision.version if decision.promoted else decision.champion_version
         deployment = registry.deploy(config.serve, home, champion)
+        reports.report_app(deployment.url, deployment.version)
         result["app_url"] = deployment.url
     return result
 
 
-def run_pipeline(config: PipelineConfig) -> dict:
+def run_pipeline(config: PipelineConfig, *, refresh_data: bool = False) -> dict:
     """Entry point for the CLI: run the flow in this process."""
-    return skinsense_pipeline(config=config)
+    return skinsense_pipeline(config=config, refresh_data=refresh_data)

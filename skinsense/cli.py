@@ -84,7 +84,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg = _deep_merge(json.loads(Path(args.config).read_text()), cfg)
     config = PipelineConfig.model_validate(cfg)
     flows = importlib.import_module("flows.pipeline")
-    result = flows.run_pipeline(config)
+    result = flows.run_pipeline(config, refresh_data=args.refresh_data)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local file with ImageNet weights for the architecture")
     p.add_argument("--port", type=int, help="port of the deployed app (default 7860)")
     p.add_argument("--no-deploy", action="store_true", help="do not start the app at the end")
+    p.add_argument("--refresh-data", action="store_true",
+                   help="run the data stages again instead of reusing their cached results")
     p.add_argument("--config", help="JSON file with a full PipelineConfig (flags override it)")
     p.set_defaults(func=cmd_pipeline)
 

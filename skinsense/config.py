@@ -150,6 +150,11 @@ class TrainConfig(_Strict):
     )
     progress: bool = Field(True, description="Show a progress bar per epoch (terminals only).")
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    parallel_archs: bool = Field(
+        False,
+        description="Train the architectures at the same time, each holding one slot of the "
+        "Prefect global concurrency limit 'gpu' (one slot per GPU); default one after another.",
+    )
     devices: int = Field(
         1, ge=1, description="GPUs to train on; more than 1 trains with DDP in child processes."
     )

@@ -214,6 +214,15 @@ def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Ho
     return paths
 
 
+def candidate_rows(candidates: list[Candidate], home: Home) -> list[dict]:
+    """Per architecture: its test metrics and a link to its MLflow run."""
+    from skinsense import tracking
+
+    tracking.configure(home)
+    return [{"arch": c.arch, "run_link": tracking.run_url(c.run_id), "metrics": c.test_metrics}
+            for c in candidates]
+
+
 def select_best(candidates: list[Candidate], metric: str) -> Candidate:
     """The candidate with the highest test `metric` (first listed wins ties)."""
     if not candidates:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from prefect.concurrency.sync import concurrency
 
 from skinsense import stages
 from skinsense.config import EvalConfig, PipelineConfig
@@ -19,12 +20,17 @@ def start_run(cfg: PipelineConfig, home: Path, tags: dict[str, str], split: Spli
                                      oversampled=oversampled)
 
 
-@task(name="train", task_run_name="train-{arch}")
+# A retry resumes from the architecture's last checkpoint (same run folder).
+@task(name="train", task_run_name="train-{arch}", retries=1, retry_delay_seconds=30)
 def train(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Path,
           class_weights: list[float] | None, parent_run_id: str,
           fingerprint: str) -> stages.TrainedArch:
-    return stages.train_architecture(cache, arch, cfg, Home(home), class_weights=class_weights,
-                                     parent_run_id=parent_run_id, fingerprint=fingerprint)
+    # Where the limit 'gpu' exists (the stack and compose create it), it holds one slot per
+    # GPU; without it (embedded runs) training proceeds unthrottled.
+    with concurrency("gpu", occupy=cfg.train.devices, strict=False):
+        return stages.train_architecture(cache, arch, cfg, Home(home),
+                                         class_weights=class_weights,
+                                         parent_run_id=parent_run_id, fingerprint=fingerprint)
 
 
 @task(name="evaluate", task_run_name="evaluate-{trained.arch}")

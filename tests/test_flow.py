@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import pytest
 from mlflow import MlflowClient
+from prefect import get_client
 
 from skinsense.config import PipelineConfig
 from skinsense.serving.deploy import check_prediction, health, stop_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """State names of the data-stage task runs of a flow run."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = get_client(sync_client=True).read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    data_tasks = ("fetch", "validate", "split", "oversample", "cache")
+    return {r.name: r.state.name for r in runs if r.name.split("-")[0] in data_tasks}
 
 
 def tiny_config(source, port: int, **train) -> PipelineConfig:
@@ -55,6 +66,17 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
             assert child.data.tags["dataset_fingerprint"] == parents[0].data.tags["dataset_fingerprint"]
         champion = client.get_model_version_by_alias("skinsense", "champion")
         assert str(champion.version) == result["version"]
+
+        # Same parameters again: the data stages come from the cache; the app keeps serving.
+        state = skinsense_pipeline(config=tiny_config(synthetic_sample, free_port),
+                                   return_state=True)
+        assert state.is_completed()
+        data_states = task_states(state.state_details.flow_run_id)
+        assert data_states and all(s == "Cached" for s in data_states.values()), data_states
+        assert health(url)["status"] == "ok"
+        keys = {a.key for a in get_client(sync_client=True).read_artifacts()}
+        assert {"skinsense-data-summary", "skinsense-metrics", "skinsense-promotion",
+                "skinsense-app"} <= keys
     finally:
         stop_app(home.app)
     assert health(f"http://127.0.0.1:{free_port}") is None

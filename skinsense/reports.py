@@ -1,0 +1,65 @@
+"""Summaries of a pipeline run as plain rows and markdown, for the orchestrator's UI.
+
+Pure functions: they build text and tables; `tasks/reports.py` publishes them as Prefect
+artifacts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from skinsense.data.records import OversampledData, SplitData
+from skinsense.labels import CLASS_CODES
+
+HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc", "mel_sensitivity",
+            "mel_specificity", "ece")
+
+
+def data_summary_rows(split: SplitData, oversampled: OversampledData) -> list[dict]:
+    """Images per class: training part before and after oversampling, validation, test."""
+    rows = []
+    for code in (*CLASS_CODES, "total"):
+        def count(counts: dict[str, int]) -> int:
+            return sum(counts.values()) if code == "total" else counts.get(code, 0)
+
+        rows.append({
+            "class": code,
+            "train (before oversampling)": count(oversampled.class_counts_before),
+            "train (after oversampling)": count(oversampled.class_counts_after),
+            "val": count(split.class_counts.get("val", {})),
+            "test": count(split.class_counts.get("test", {})),
+        })
+    return rows
+
+
+def metrics_markdown(rows: list[dict]) -> str:
+    """A markdown table of each architecture's test metrics, with a link to its MLflow run.
+
+    Args:
+        rows: {"arch", "run_link", "metrics": {...}} per architecture.
+    """
+    header = "| architecture | " + " | ".join(HEADLINE) + " | MLflow run |"
+    lines = [header, "|" + " --- |" * (len(HEADLINE) + 2)]
+    for row in rows:
+        cells = [_fmt(row["metrics"].get(name)) for name in HEADLINE]
+        link = row["run_link"]
+        link_cell = f"[run]({link})" if link.startswith("http") else link
+        lines.append(f"| {row['arch']} | " + " | ".join(cells) + f" | {link_cell} |")
+    return "\n".join(lines)
+
+
+def promotion_markdown(decision: dict) -> str:
+    """The champion/challenger decision in words."""
+    verdict = "**promoted to champion**" if decision["promoted"] else "**not promoted**"
+    champion = (f"version {decision['champion_version']} scored "
+                f"{_fmt(decision['champion_score'])}" if decision.get("champion_version")
+                else "there was no champion")
+    return (f"# Promotion\n\nVersion {decision['version']} of `{decision['model_name']}` "
+            f"scored {_fmt(decision['challenger_score'])} ({decision['metric']}); {champion}. "
+            f"It was {verdict}.\n\n{decision['reason']}\n")
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,43 @@
+"""Prefect artifacts of a pipeline run: what an operator sees in the Prefect UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+
+from skinsense import reports, stages
+from skinsense.data.records import OversampledData, SplitData
+from skinsense.paths import Home
+from skinsense.registry import PromotionDecision
+
+
+@task(name="report-data")
+def report_data(split: SplitData, oversampled: OversampledData) -> None:
+    create_table_artifact(reports.data_summary_rows(split, oversampled),
+                          key="skinsense-data-summary",
+                          description="Images per class and split, before and after oversampling")
+
+
+@task(name="report-metrics")
+def report_metrics(candidates: list[stages.Candidate], home: Path) -> None:
+    rows = stages.candidate_rows(candidates, Home(home))
+    create_markdown_artifact(reports.metrics_markdown(rows), key="skinsense-metrics",
+                             description="Test metrics per architecture")
+
+
+@task(name="report-promotion")
+def report_promotion(decision: PromotionDecision) -> None:
+    create_markdown_artifact(reports.promotion_markdown(decision.model_dump()),
+                             key="skinsense-promotion", description="Champion/challenger decision")
+
+
+@task(name="report-app")
+def report_app(url: str, version: str | None) -> None:
+    create_link_artifact(url, link_text=f"SkinSense app (model version {version})",
+                         key="skinsense-app", description="The app serving the champion")
