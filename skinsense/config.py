@@ -49,8 +49,8 @@ class DataConfig(_Strict):
         "(HAM10000 is then split into train and val only).",
     )
     split_seed: int = Field(42, description="Seed of the lesion-level split.")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of lesions for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of lesions held out for test.")
     train_fraction: float = Field(
         1.0,
         gt=0,
@@ -68,7 +68,9 @@ class DataConfig(_Strict):
         description="Images per class after oversampling; empty means the largest class's count.",
     )
     # Three copies keep the model from memorising a few rare lesions (df has 115 images).
-    max_copies_per_image: int = Field(3, ge=0, le=20)
+    max_copies_per_image: int = Field(
+        3, ge=0, le=20, description="At most this many augmented copies of one training image."
+    )
     color_jitter: bool = Field(False, description="Add colour jitter to oversampled copies.")
     class_weights: bool = Field(True, description="Weight the loss by inverse class frequency.")
     cache_workers: int | None = Field(
@@ -101,12 +103,12 @@ class TrainConfig(_Strict):
         le=1024,
         description="Input size for every architecture; empty means each one's default.",
     )
-    epochs: int = Field(10, ge=1, le=500)
-    batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(3e-4, gt=0, lt=1)
+    epochs: int = Field(10, ge=1, le=500, description="Most epochs per architecture.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per optimizer step (per GPU).")
+    lr: float = Field(3e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
     # AdamW with decoupled weight decay; 0.05 is the usual fine-tuning value for these nets.
-    weight_decay: float = Field(0.05, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0, lt=1, description="AdamW weight decay.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the loss.")
     early_stopping_patience: int = Field(
         5, ge=1, description="Stop after this many epochs without a better val balanced accuracy."
     )
@@ -114,7 +116,7 @@ class TrainConfig(_Strict):
         True, description="Start from ImageNet weights (needs them cached or downloadable)."
     )
     weights_path: str | None = Field(None, description="Local file of pretrained weights.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of initialization, shuffling and augmentation.")
     # 1.0 is the usual safety net for fine-tuning with AdamW: it only bites on the rare
     # exploding step (a fresh head on pretrained features), not on ordinary ones.
     grad_clip_norm: float | None = Field(
@@ -191,7 +193,7 @@ class EvalConfig(_Strict):
     min_delta: float = Field(
         0.0, ge=0, description="Promote only when better than the champion by more than this."
     )
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Images per batch at evaluation.")
     tta: bool = Field(False, description="Average predictions over flips at test time.")
     measure_efficiency: bool = Field(
         True, description="Measure parameters, file size and CPU latency of each candidate."
@@ -202,11 +204,13 @@ class ServeConfig(_Strict):
     """The app the last step deploys."""
 
     deploy: bool = Field(True, description="Start or refresh the app when the run ends.")
-    model_name: str = Field("skinsense", min_length=1)
+    model_name: str = Field("skinsense", min_length=1, description="Registered model name.")
     host: str = Field("127.0.0.1", description="Interface to bind; loopback unless asked.")
-    port: int = Field(7860, ge=1, le=65535)
+    port: int = Field(7860, ge=1, le=65535, description="Port of the app.")
     # Cold start of torch + gradio takes ~20 s on 2 cores; leave room for a slow machine.
-    startup_timeout_s: float = Field(180.0, gt=0)
+    startup_timeout_s: float = Field(
+        180.0, gt=0, description="How long a starting app may take to answer."
+    )
     # A retrain takes hours, so a minute's delay before a new champion is served costs
     # nothing; the deploy step does not wait for it (it asks the app to reload at once).
     reload_interval_s: float = Field(
