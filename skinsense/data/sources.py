@@ -33,6 +33,8 @@ otherwise name, size and mtime (a 2.5 GB zip is not hashed for a key).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import csv
 import hashlib
 import io
@@ -127,14 +129,14 @@ def fetch(cfg: DataConfig, home: Home, *, progress: bool = True) -> FetchedData:
 Kind = Literal["file", "dir"]
 
 
-class _Source:
+class _Source(ABC):
     """A tree of files (a folder or a zip) the layouts are looked up in."""
 
     path: Path
 
+    @abstractmethod
     def children(self, prefix: str) -> dict[str, Kind]:
         """Immediate children of folder `prefix` ('' or 'a/b/') -> kind."""
-        raise NotImplementedError
 
     def find(self, prefix: str, name: str, kind: Kind) -> str | None:
         """Relative path of child `name` of `prefix`: exact case first, then any case."""
@@ -150,16 +152,17 @@ class _Source:
         """A path on disk for file `rel`, when it is one (not inside a zip)."""
         return None
 
+    @abstractmethod
     def open(self, rel: str) -> IO[bytes]:
-        raise NotImplementedError
+        """A binary file object for file `rel`."""
 
+    @abstractmethod
     def identity(self, rels: list[str]) -> object:
         """Something JSON-able that changes when the content of `rels` changes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def jpegs_into(self, rel: str, dest: Path) -> int:
         """Puts the JPEGs of zip file or folder `rel` into `dest`; returns how many."""
-        raise NotImplementedError
 
 
 class _FolderSource(_Source):
