@@ -142,7 +142,8 @@ def test_manual_deployment_runs_the_pipeline_through_the_api(live_stack, synthet
         run = wait_final(client, created.id)
         assert run.state.is_completed(), f"{run.state}: see {live_stack['root']}/stack/runner.log"
 
-        mlflow = MlflowClient(live_stack["mlflow"])
+        # Both URIs: another test may have set this process's default registry elsewhere.
+        mlflow = MlflowClient(tracking_uri=live_stack["mlflow"], registry_uri=live_stack["mlflow"])
         experiment = mlflow.get_experiment_by_name("skinsense")
         runs = mlflow.search_runs([experiment.experiment_id])
         parents = [r for r in runs if r.data.tags.get("skinsense.kind") == "pipeline"]
