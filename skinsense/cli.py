@@ -104,8 +104,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from skinsense.paths import Home
     from skinsense.serving.app import serve
 
-    tracking.configure(Home.default())
-    serve(args.model_uri, host=args.host, port=args.port)
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.configure(Home.default())
+    try:
+        serve(args.model_uri, host=args.host, port=args.port)
+    except MlflowException as exc:
+        raise RuntimeError(
+            f"cannot load {args.model_uri!r} from MLflow at {uri}: {exc.message}. Pass a "
+            f"registered model URI (models:/NAME@champion, models:/NAME/VERSION; "
+            f"`skinsense registry show` lists them) or a model folder path, and check "
+            f"MLFLOW_TRACKING_URI / SKINSENSE_HOME") from exc
     return 0
 
 

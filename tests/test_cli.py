@@ -44,3 +44,9 @@ def test_fetch_from_a_missing_path_says_what_to_do(tmp_path, capsys, home):
 def test_pipeline_rejects_bad_settings_before_running(argv, message, capsys, home):
     assert main(["pipeline", "--data-source", "x", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_of_an_unknown_model_says_what_to_pass(capsys, home):
+    assert main(["serve", "--model-uri", "models:/nope@champion", "--port", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "models:/nope@champion" in err and "registry show" in err
