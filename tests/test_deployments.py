@@ -8,7 +8,6 @@ makes) on a small synthetic sample; the run must leave its parent and child runs
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,11 @@ import pytest
 import yaml
 
 from deployments import definitions
+from test_stack import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.mark.parametrize("prefect_file", ["prefect.yaml", "docker/prefect.compose.yaml"])
