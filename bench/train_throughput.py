@@ -11,13 +11,18 @@ For each architecture, in one process on one device:
               `train_one_epoch` of `skinsense.training.loop` (BatchedCacheLoader with pinned
               uint8 batches, TrainPreset augmentation on the GPU, Fabric bf16-mixed,
               channels_last, AdamW, gradient clipping as TrainConfig's defaults);
+  static    - the same loop fed one uint8 batch that already sits on the device (what the
+              loop itself costs over the ceiling: augmentation, Fabric, clipping);
   loader    - the data path alone: cache batches copied to the device, images/s.
 
-With --compile, both are measured again with torch.compile (ceiling: the step function, as
-gpu_anchor's `ceilc`; pipeline: TrainConfig(compile=True), i.e. the model). Target: pipeline
+Eager figures come first for every architecture; with --compile, the architectures in
+--compile-archs are then measured again with torch.compile (ceiling: the step function, as
+gpu_anchor's `ceilc`; pipeline: TrainConfig(compile=True), i.e. the model). Results are
+rewritten after each step, so a run cut short keeps what it measured. Target: pipeline
 >= 0.95 x ceiling in eager mode at batch 64.
 
-GPU machine (needs torch, torchvision, lightning, numpy, pandas, pillow only):
+GPU machine (needs torch, torchvision, lightning, numpy, pandas, pillow and pydantic; the
+GPU image has no pydantic, carry it as wheels, see bench/RESULTS.md):
   PYTHONPATH=. python3 bench/train_throughput.py [--archs ...] [--batch 64] [--steps 200]
 CPU smoke test:
   PYTHONPATH=. python3 bench/train_throughput.py --device cpu --archs resnet18 --steps 2 \\
@@ -119,8 +124,9 @@ class _Steps:
 
 
 def pipeline(split: CachedSplit, arch: str, *, batch: int, warmup: int, steps: int,
-             accelerator: str, compile_model: bool) -> tuple[float, float]:
-    """(training images/s, loader-only images/s) of the project's own loop."""
+             accelerator: str, compile_model: bool, static: bool = True) -> dict[str, float]:
+    """Images/s of the project's own loop: fed by the loader, on a static device batch, and
+    of the loader alone."""
     cfg = TrainConfig(archs=[arch], image_size=split.size, batch_size=batch, pretrained=False,
                       epochs=1, lr=1e-4, accelerator=accelerator, compile=compile_model,
                       progress=False)
@@ -130,18 +136,22 @@ def pipeline(split: CachedSplit, arch: str, *, batch: int, warmup: int, steps: i
     model, optimizer, scheduler, train_loader, _, _, (train_preset, _) = setup_training(
         cache, arch, cfg, fabric)
 
-    def run(n: int, first_epoch: int) -> float:
-        return train_one_epoch(fabric, model, _Steps(train_loader, n, first_epoch), optimizer,
-                               scheduler, train_preset, grad_clip_norm=cfg.grad_clip_norm,
+    def run(batches) -> float:
+        return train_one_epoch(fabric, model, batches, optimizer, scheduler, train_preset,
+                               grad_clip_norm=cfg.grad_clip_norm,
                                grad_accum_steps=cfg.grad_accum_steps)["images_per_s"]
 
-    run(warmup, 0)
-    train_ips = run(steps, 1000)
+    run(_Steps(train_loader, warmup, 0))
+    figures = {"pipeline": run(_Steps(train_loader, steps, 1000))}
+    if static:
+        on_device = fabric.to_device(next(iter(train_loader)))
+        figures["static"] = run([on_device] * steps)
     start, seen = time.perf_counter(), 0
     for images, _labels in _Steps(train_loader, steps, 2000):
         seen += len(fabric.to_device(images))
     _sync(fabric.device)
-    return train_ips, seen / (time.perf_counter() - start)
+    figures["loader"] = seen / (time.perf_counter() - start)
+    return figures
 
 
 def synthetic_split(work: Path, n_images: int, size: int, workers: int | None) -> CachedSplit:
@@ -175,49 +185,68 @@ def _guarded(label: str, measure: Callable[[], float]) -> float:
         return math.nan
 
 
-def measure_arch(arch: str, size: int, args: argparse.Namespace, work: Path) -> dict:
+def measure_eager(arch: str, size: int, args: argparse.Namespace, split: CachedSplit) -> dict:
     device = torch.device(args.device)
-    accelerator = "cuda" if device.type == "cuda" else "cpu"
-    split = synthetic_split(work, args.images, size, args.workers)
     common = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps}
     row: dict = {"arch": arch, "size": size, "batch": args.batch, "steps": args.steps}
     row["ceiling_images_per_s"] = _guarded(f"{arch} ceiling", lambda: ceiling(
         arch, size, device=device, compile_step=False, **common))
-    train_ips, loader_ips = math.nan, math.nan
+    figures = {"pipeline": math.nan, "static": math.nan, "loader": math.nan}
     try:
-        train_ips, loader_ips = pipeline(split, arch, accelerator=accelerator,
-                                         compile_model=False, **common)
+        figures |= pipeline(split, arch, accelerator=_accelerator(device), compile_model=False,
+                            **common)
     except Exception as exc:
         print(f"{arch} pipeline failed: {exc!r}"[:400], flush=True)
-    row |= {"pipeline_images_per_s": train_ips, "loader_images_per_s": loader_ips,
-            "ratio": train_ips / row["ceiling_images_per_s"]}
-    if args.compile:
-        row["ceiling_compiled_images_per_s"] = _guarded(f"{arch} ceiling compiled", lambda: ceiling(
-            arch, size, device=device, compile_step=True, **common))
-        row["pipeline_compiled_images_per_s"] = _guarded(f"{arch} pipeline compiled", lambda: (
-            pipeline(split, arch, accelerator=accelerator, compile_model=True, **common)[0]))
-        row["ratio_compiled"] = (row["pipeline_compiled_images_per_s"]
-                                 / row["ceiling_compiled_images_per_s"])
-        row["compile_gain"] = row["pipeline_compiled_images_per_s"] / train_ips
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    row |= {"pipeline_images_per_s": figures["pipeline"],
+            "static_images_per_s": figures["static"],
+            "loader_images_per_s": figures["loader"],
+            "ratio": figures["pipeline"] / row["ceiling_images_per_s"]}
+    _free(device)
     print(json.dumps(row), flush=True)
     return row
 
 
-def table(rows: list[dict], compiled: bool) -> str:
-    head = ["arch", "size", "batch", "ceiling img/s", "pipeline img/s", "ratio", "loader img/s"]
+def measure_compiled(row: dict, args: argparse.Namespace, split: CachedSplit) -> None:
+    device, arch = torch.device(args.device), row["arch"]
+    common = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps}
+    started = time.perf_counter()
+    row["ceiling_compiled_images_per_s"] = _guarded(f"{arch} ceiling compiled", lambda: ceiling(
+        arch, row["size"], device=device, compile_step=True, **common))
+    row["pipeline_compiled_images_per_s"] = _guarded(f"{arch} pipeline compiled", lambda: (
+        pipeline(split, arch, accelerator=_accelerator(device), compile_model=True,
+                 static=False, **common)["pipeline"]))
+    row["ratio_compiled"] = row["pipeline_compiled_images_per_s"] / row["ceiling_compiled_images_per_s"]
+    row["compile_gain"] = row["pipeline_compiled_images_per_s"] / row["pipeline_images_per_s"]
+    row["compile_wall_s"] = time.perf_counter() - started
+    _free(device)
+    print(json.dumps(row), flush=True)
+
+
+def _accelerator(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def table(rows: list[dict]) -> str:
+    compiled = any("compile_gain" in r for r in rows)
+    head = ["arch", "size", "batch", "ceiling img/s", "pipeline img/s", "ratio",
+            "static-batch loop img/s", "loader img/s"]
     if compiled:
         head += ["ceiling compiled", "pipeline compiled", "ratio compiled", "compile gain"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["arch"], str(r["size"]), str(r["batch"]), f"{r['ceiling_images_per_s']:.1f}",
                  f"{r['pipeline_images_per_s']:.1f}", f"{r['ratio']:.3f}",
-                 f"{r['loader_images_per_s']:.0f}"]
+                 f"{r['static_images_per_s']:.1f}", f"{r['loader_images_per_s']:.0f}"]
         if compiled:
-            cells += [f"{r['ceiling_compiled_images_per_s']:.1f}",
-                      f"{r['pipeline_compiled_images_per_s']:.1f}",
-                      f"{r['ratio_compiled']:.3f}", f"{r['compile_gain']:.3f}"]
+            cells += ([f"{r['ceiling_compiled_images_per_s']:.1f}",
+                       f"{r['pipeline_compiled_images_per_s']:.1f}",
+                       f"{r['ratio_compiled']:.3f}", f"{r['compile_gain']:.3f}"]
+                      if "compile_gain" in r else ["-"] * 4)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,6 +261,8 @@ def main() -> None:
     parser.add_argument("--size-override", type=int, default=None, help="one size for all archs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--compile-archs", nargs="+", default=None,
+                        help="architectures to compile (default: all of --archs)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes drawing and caching the JPEGs (default: all cores)")
     parser.add_argument("--work", type=Path, default=None, help="folder for JPEGs and cache")
@@ -246,20 +277,33 @@ def main() -> None:
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {device_name}, "
           f"batch {args.batch}, steps {args.steps}", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="skinsense-bench-"))
-    rows = [measure_arch(arch, args.size_override or ARCHS.get(arch, 224), args, work)
-            for arch in args.archs]
-    text = table(rows, args.compile)
-    print(text)
+    sizes = {arch: args.size_override or ARCHS.get(arch, 224) for arch in args.archs}
+    splits = {size: synthetic_split(work, args.images, size, args.workers)
+              for size in sorted(set(sizes.values()))}
+    header = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device_name,
+              "torch": torch.__version__, "torchvision": torchvision.__version__,
+              "lightning": L.__version__, "python": sys.version.split()[0],
+              "args": {k: str(v) for k, v in vars(args).items()}}
+    rows: list[dict] = []
+
+    def report() -> None:
+        text = table(rows)
+        print(text, flush=True)
+        if os.environ.get("OUT"):
+            out = Path(os.environ["OUT"])
+            (out / "train_throughput.json").write_text(
+                json.dumps(header | {"results": rows}, indent=1))
+            (out / "train_throughput.md").write_text(text + "\n")
+
+    for arch, size in sizes.items():
+        rows.append(measure_eager(arch, size, args, splits[size]))
+        report()
     print(f"target: pipeline / ceiling ratio >= {TARGET_RATIO} in eager mode", flush=True)
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"])
-        report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device_name,
-                  "torch": torch.__version__, "torchvision": torchvision.__version__,
-                  "python": sys.version.split()[0],
-                  "args": {k: str(v) for k, v in vars(args).items()},
-                  "results": rows}
-        (out / "train_throughput.json").write_text(json.dumps(report, indent=1))
-        (out / "train_throughput.md").write_text(text + "\n")
+    if args.compile:
+        for row in rows:
+            if row["arch"] in (args.compile_archs or args.archs):
+                measure_compiled(row, args, splits[row["size"]])
+                report()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,18 @@ def test_early_stopping_restores_the_best_epoch(cached_sample, tmp_path):
     assert result.epochs_run == 3 and result.best_epoch == 1
 
 
+def test_a_diverged_training_stops_with_advice_and_keeps_the_last_good_checkpoint(
+        cached_sample, tmp_path):
+    cache, _ = cached_sample
+    # NaN class weights make the loss itself NaN on the first batch: the loop no longer
+    # checks the gradient norm every step, so the epoch-end check must catch it.
+    with pytest.raises(FloatingPointError, match="Lower lr") as caught:
+        fit(cache, "resnet18", tiny(epochs=2), out_dir=tmp_path / "run",
+            class_weights=[float("nan")] * 7)
+    assert "epoch 1" in str(caught.value)
+    assert not (tmp_path / "run" / "last.ckpt").exists()  # nothing non-finite was saved
+
+
 def test_balanced_accuracy_ignores_absent_classes():
     confusion = torch.zeros(7, 7, dtype=torch.long)
     confusion[0, 0], confusion[0, 1], confusion[1, 1] = 3, 1, 2

@@ -9,7 +9,7 @@ import torch
 from skinsense.config import TrainConfig
 from skinsense.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from skinsense.presets import make_preset
-from skinsense.training.batches import BatchedCacheLoader
+from skinsense.training.batches import BatchedCacheLoader, to_device_ahead
 from skinsense.training.loop import fit, make_fabric, resolve_precision, train_one_epoch
 
 pytestmark = [
@@ -59,7 +59,7 @@ def test_batched_loader_sends_pinned_uint8_to_the_gpu(cached_sample):
     cache, _ = cached_sample
     loader = BatchedCacheLoader(cache.train, batch_size=16, shuffle=True, pin_memory=True)
     images, labels = next(iter(loader))
-    assert images.dtype == torch.uint8 and images.is_pinned()
+    assert images.dtype == torch.uint8 and images.is_pinned() and labels.is_pinned()
     on_gpu = images.to("cuda", non_blocking=True)
     assert on_gpu.is_contiguous(memory_format=torch.channels_last)
 
@@ -71,3 +71,21 @@ def test_fit_on_the_gpu_uses_bf16_and_writes_a_model(cached_sample, tmp_path):
     result = fit(cache, "resnet18", cfg, out_dir=tmp_path / "run")
     assert result.epochs_run == 1 and any(result.model_dir.iterdir())
     assert result.history[0]["images_per_s"] > 0
+
+
+def test_batches_copied_ahead_on_a_side_stream_arrive_intact():
+    # Distinct batches, each used by slow work on the compute stream while the next one is
+    # copied: a missing wait or record_stream shows up as a batch with another's values.
+    host = [(torch.full((64, 3, 96, 96), i, dtype=torch.uint8).pin_memory(),
+             torch.full((64,), i, dtype=torch.int64).pin_memory()) for i in range(24)]
+    weight = torch.randn(2048, 2048, device="cuda")
+    seen = []
+    for images, labels in to_device_ahead(host, torch.device("cuda")):
+        assert images.is_cuda and labels.is_cuda
+        assert images.is_contiguous()
+        for _ in range(4):
+            weight = torch.tanh(weight @ weight)  # keeps the compute stream busy
+        seen.append((images.float().mean(), labels.float().mean()))
+        del images, labels  # frees the memory for the allocator to reuse
+    torch.cuda.synchronize()
+    assert [(int(a), int(b)) for a, b in seen] == [(i, i) for i in range(24)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -100,8 +100,11 @@ class BatchedCacheLoader:
         out = torch.empty((len(index), *rows.shape[1:]), dtype=torch.uint8,
                           pin_memory=self.pin_memory)
         np.take(rows, index.numpy(), axis=0, out=out.numpy())
+        # Labels pinned too: a copy from pageable memory can wait for the GPU to go idle.
+        labels = torch.empty(len(index), dtype=torch.int64, pin_memory=self.pin_memory)
+        torch.index_select(self.labels, 0, index, out=labels)
         # NHWC memory viewed as NCHW is exactly the channels_last layout.
-        return out.permute(0, 3, 1, 2), self.labels[index]
+        return out.permute(0, 3, 1, 2), labels
 
     def _batches(self) -> Iterator[torch.Tensor]:
         order = self._shard()
@@ -144,3 +147,44 @@ class BatchedCacheLoader:
                 except queue.Empty:
                     pass
             thread.join()
+
+
+def to_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """`batches` moved to `device`, each copied while the GPU still works on the one before.
+
+    On CUDA the host-to-device copy of batch i+1 is issued on a side stream before batch i is
+    handed out, so the copy engine moves it while the default stream computes; the compute
+    stream waits for that copy only when it uses the batch. Elsewhere (CPU) batches are moved
+    as they come. Host batches should be pinned (`BatchedCacheLoader(pin_memory=True)`) for
+    the copies to be asynchronous.
+    """
+    if device.type != "cuda":
+        for images, labels in batches:
+            yield images.to(device), labels.to(device)
+        return
+    side = torch.cuda.Stream(device=device)
+    compute = torch.cuda.current_stream(device)
+
+    def copy(batch: Batch) -> tuple[Batch, torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            moved = tuple(t.to(device, non_blocking=True) for t in batch)
+            done = torch.cuda.Event()
+            done.record(side)
+        return moved, done  # type: ignore[return-value]
+
+    def ready(moved: Batch, done: torch.cuda.Event) -> Batch:
+        compute.wait_event(done)  # this batch's copy only, not the one issued after it
+        for t in moved:
+            # Allocated on the side stream, read on the compute stream: without this the
+            # allocator could hand the memory out again while the compute stream reads it.
+            t.record_stream(compute)
+        return moved
+
+    ahead: tuple[Batch, torch.cuda.Event] | None = None
+    for batch in batches:
+        issued = copy(batch)
+        if ahead is not None:
+            yield ready(*ahead)
+        ahead = issued
+    if ahead is not None:
+        yield ready(*ahead)

@@ -35,7 +35,7 @@ from skinsense.labels import NUM_CLASSES
 from skinsense.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from skinsense.packaging import ModelCard, save_model_dir
 from skinsense.presets import make_preset
-from skinsense.training.batches import BatchedCacheLoader
+from skinsense.training.batches import BatchedCacheLoader, to_device_ahead
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -86,8 +86,7 @@ def train_one_epoch(fabric: L.Fabric, model: nn.Module, loader: Loader, optimize
     total_loss, seen = torch.zeros((), device=fabric.device), 0
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(loader):
-        images, labels = fabric.to_device(batch)
+    for i, (images, labels) in enumerate(to_device_ahead(loader, fabric.device)):
         group_start = i - i % grad_accum_steps
         group = min(grad_accum_steps, n_batches - group_start)  # the last group may be short
         stepping = i == group_start + group - 1
@@ -99,7 +98,10 @@ def train_one_epoch(fabric: L.Fabric, model: nn.Module, loader: Loader, optimize
             fabric.backward(loss / group)
         if stepping:
             if grad_clip_norm is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=grad_clip_norm)
+                # error_if_nonfinite would read the norm back every step (a GPU stall); a
+                # non-finite loss is caught once per epoch instead (see `fit`).
+                fabric.clip_gradients(model, optimizer, max_norm=grad_clip_norm,
+                                      error_if_nonfinite=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -120,8 +122,7 @@ def evaluate(fabric: L.Fabric, model: nn.Module, loader: Loader,
     model.eval()
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long, device=fabric.device)
     total_loss = torch.zeros((), dtype=torch.float64, device=fabric.device)
-    for batch in loader:
-        images, labels = fabric.to_device(batch)
+    for images, labels in to_device_ahead(loader, fabric.device):
         logits = model(preset(images)).float()
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
         pairs = labels * NUM_CLASSES + logits.argmax(dim=1)
@@ -232,9 +233,13 @@ def setup_training(cache: ImageCache, arch: str, cfg: TrainConfig, fabric: L.Fab
     """
     model = build_model(arch, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         image_size=cache.size)
+    model = model.to(fabric.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused CUDA AdamW updates all parameters in a few kernels instead of a dozen passes.
+    cuda = fabric.device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=cuda or None)
     train_loader, val_loader, reseed = make_loaders(cache, cfg, fabric)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)  # type: ignore[arg-type]
     scheduler = _cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch,
@@ -297,6 +302,13 @@ def fit(
             grad_clip_norm=cfg.grad_clip_norm, progress=bar)
         if bar is not None:
             bar.close()
+        if not math.isfinite(metrics["train_loss"]):
+            # Raised before this epoch is checkpointed: last.ckpt and the best weights are
+            # still those of the last finite epoch.
+            raise FloatingPointError(
+                f"{arch}: the training loss became {metrics['train_loss']} in epoch {epoch} "
+                f"(lr={cfg.lr}). Lower lr, keep grad_clip_norm set, or use precision="
+                f"'32-true'; the checkpoint of epoch {state['epoch']} in {ckpt} is kept")
         metrics |= evaluate(fabric, model, val_loader, eval_preset)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         _end_epoch(fabric, state, epoch, metrics, ckpt, best_path)
