@@ -9,7 +9,8 @@
 # Environment:
 #   ANCHOR          path of gpu_anchor.py (default ../shared/bench/gpu_anchor.py)
 #   WHEELS          folder of wheels to install first (the GPU image lacks pydantic)
-#   STEPS           measured steps per figure (default 150)
+#   PARTS           what to run, any of: anchor tests bench (default: all three)
+#   STEPS           measured steps per figure, over ROUNDS alternations (default 100, 5)
 #   COMPILE_ARCHS   architectures to measure compiled (default: the two EfficientNets)
 #   BENCH_TIMEOUT   seconds for the throughput bench, compile included (default 300);
 #                   results are rewritten after every step, so a cut-off run keeps them
@@ -32,19 +33,24 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
     date -u +%Y-%m-%dT%H:%M:%SZ
 } 2>&1 | tee "$OUT/gpu.txt"
 
-echo "== anchor: ceil notebook"
-SECS=${SECS:-8} python3 "$ANCHOR" ceil notebook 2>&1 | tee "$OUT/anchor.log"
-
-echo "== gpu tests"
-timeout 180 python3 -m pytest -m gpu tests/test_training_gpu.py -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/pytest_gpu.log"
-
-echo "== training throughput"
-# shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-300}" python3 bench/train_throughput.py --batch 64 \
-    --steps "${STEPS:-150}" --compile \
-    --compile-archs ${COMPILE_ARCHS:-efficientnet_b0 efficientnet_b3} 2>&1 \
-    | tee "$OUT/train_throughput.log"
+PARTS=" ${PARTS:-anchor tests bench} "
+if [[ $PARTS == *" anchor "* ]]; then
+    echo "== anchor: ceil notebook"
+    SECS=${SECS:-8} python3 "$ANCHOR" ceil notebook 2>&1 | tee "$OUT/anchor.log"
+fi
+if [[ $PARTS == *" tests "* ]]; then
+    echo "== gpu tests"
+    timeout 180 python3 -m pytest -m gpu tests/test_training_gpu.py -q -p no:cacheprovider \
+        2>&1 | tee "$OUT/pytest_gpu.log"
+fi
+if [[ $PARTS == *" bench "* ]]; then
+    echo "== training throughput"
+    # shellcheck disable=SC2086
+    timeout "${BENCH_TIMEOUT:-300}" python3 bench/train_throughput.py --batch 64 \
+        --steps "${STEPS:-100}" --rounds "${ROUNDS:-5}" --compile \
+        --compile-archs ${COMPILE_ARCHS:-efficientnet_b0 efficientnet_b3} 2>&1 \
+        | tee "$OUT/train_throughput.log"
+fi
 echo "== done"
-cat "$OUT/anchor.log" | tail -8
+tail -8 "$OUT/anchor.log" 2>/dev/null
 cat "$OUT/train_throughput.md" 2>/dev/null

@@ -1,6 +1,9 @@
 """Training throughput: SkinSense's own training step against the model-bound ceiling.
 
-For each architecture, in one process on one device:
+For each architecture, in one process on one device, both sides built once and then
+measured in alternating rounds (ceiling, pipeline, ceiling, pipeline, ...); the figures are
+medians over the rounds and the ratio is the median of the per-round ratios, so that drift of
+a shared machine over minutes hits both sides alike:
 
   ceiling   - exactly `../shared/bench/gpu_anchor.py` mode `ceil`: torchvision model with a
               7-class head, bf16 autocast, channels_last, eager, AdamW(lr=1e-4), one static
@@ -11,9 +14,9 @@ For each architecture, in one process on one device:
               `train_one_epoch` of `skinsense.training.loop` (BatchedCacheLoader with pinned
               uint8 batches, TrainPreset augmentation on the GPU, Fabric bf16-mixed,
               channels_last, AdamW, gradient clipping as TrainConfig's defaults);
-  static    - the same loop fed one uint8 batch that already sits on the device (what the
+  static    - (once, after the rounds) the same loop fed one uint8 batch that already sits on the device (what the
               loop itself costs over the ceiling: augmentation, Fabric, clipping);
-  loader    - the data path alone: cache batches copied to the device, images/s.
+  loader    - (once) the data path alone: cache batches copied to the device, images/s.
 
 Eager figures come first for every architecture; with --compile, the architectures in
 --compile-archs are then measured again with torch.compile (ceiling: the step function, as
@@ -26,7 +29,7 @@ GPU image has no pydantic, carry it as wheels, see bench/RESULTS.md):
   PYTHONPATH=. python3 bench/train_throughput.py [--archs ...] [--batch 64] [--steps 200]
 CPU smoke test:
   PYTHONPATH=. python3 bench/train_throughput.py --device cpu --archs resnet18 --steps 2 \\
-      --warmup 1 --batch 4 --images 24 --size-override 32 --workers 1
+      --rounds 2 --warmup 1 --batch 4 --images 24 --size-override 32 --workers 1
 Writes train_throughput.json and train_throughput.md into $OUT when it is set.
 """
 
@@ -38,6 +41,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -72,9 +76,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def ceiling(arch: str, size: int, *, batch: int, warmup: int, steps: int, device: torch.device,
-            compile_step: bool) -> float:
-    """gpu_anchor.py's `ceil` (or `ceilc`), counted in steps instead of seconds."""
+def make_ceiling(arch: str, size: int, *, batch: int, device: torch.device,
+                 compile_step: bool) -> Callable[[int], float]:
+    """gpu_anchor.py's `ceil` (or `ceilc`): `run(steps)` gives images/s over that many steps."""
     model = getattr(torchvision.models, arch)(num_classes=7).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -89,17 +93,19 @@ def ceiling(arch: str, size: int, *, batch: int, warmup: int, steps: int, device
         opt.step()
         return loss
 
-    run = torch.compile(step) if compile_step else step
+    compiled = torch.compile(step) if compile_step else step
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (batch,), device=device)
-    for _ in range(warmup):
-        run(x, y)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run(x, y)
-    _sync(device)
-    return steps * batch / (time.perf_counter() - start)
+
+    def run(steps: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            compiled(x, y)
+        _sync(device)
+        return steps * batch / (time.perf_counter() - start)
+
+    return run
 
 
 class _Steps:
@@ -123,35 +129,46 @@ class _Steps:
                 yield batch
 
 
-def pipeline(split: CachedSplit, arch: str, *, batch: int, warmup: int, steps: int,
-             accelerator: str, compile_model: bool, static: bool = True) -> dict[str, float]:
-    """Images/s of the project's own loop: fed by the loader, on a static device batch, and
-    of the loader alone."""
-    cfg = TrainConfig(archs=[arch], image_size=split.size, batch_size=batch, pretrained=False,
-                      epochs=1, lr=1e-4, accelerator=accelerator, compile=compile_model,
-                      progress=False)
-    fabric = L.Fabric(accelerator=accelerator, devices=1,
-                      precision="bf16-mixed" if accelerator == "cuda" else "32-true")
-    cache = ImageCache(size=split.size, key="bench", train=split, val=split, test=split)
-    model, optimizer, scheduler, train_loader, _, _, (train_preset, _) = setup_training(
-        cache, arch, cfg, fabric)
+class Pipeline:
+    """The project's own training step on one cached split, built once, measured many times."""
 
-    def run(batches) -> float:
-        return train_one_epoch(fabric, model, batches, optimizer, scheduler, train_preset,
-                               grad_clip_norm=cfg.grad_clip_norm,
-                               grad_accum_steps=cfg.grad_accum_steps)["images_per_s"]
+    def __init__(self, split: CachedSplit, arch: str, *, batch: int, accelerator: str,
+                 compile_model: bool) -> None:
+        self.cfg = TrainConfig(archs=[arch], image_size=split.size, batch_size=batch,
+                               pretrained=False, epochs=1, lr=1e-4, accelerator=accelerator,
+                               compile=compile_model, progress=False)
+        self.fabric = L.Fabric(accelerator=accelerator, devices=1,
+                               precision="bf16-mixed" if accelerator == "cuda" else "32-true")
+        cache = ImageCache(size=split.size, key="bench", train=split, val=split, test=split)
+        (self.model, self.optimizer, self.scheduler, self.loader, _, _,
+         (self.preset, _)) = setup_training(cache, arch, self.cfg, self.fabric)
+        self.epoch = 0
 
-    run(_Steps(train_loader, warmup, 0))
-    figures = {"pipeline": run(_Steps(train_loader, steps, 1000))}
-    if static:
-        on_device = fabric.to_device(next(iter(train_loader)))
-        figures["static"] = run([on_device] * steps)
-    start, seen = time.perf_counter(), 0
-    for images, _labels in _Steps(train_loader, steps, 2000):
-        seen += len(fabric.to_device(images))
-    _sync(fabric.device)
-    figures["loader"] = seen / (time.perf_counter() - start)
-    return figures
+    def _epoch(self, batches) -> float:
+        return train_one_epoch(self.fabric, self.model, batches, self.optimizer, self.scheduler,
+                               self.preset, grad_clip_norm=self.cfg.grad_clip_norm,
+                               grad_accum_steps=self.cfg.grad_accum_steps)["images_per_s"]
+
+    def _steps(self, steps: int) -> _Steps:
+        self.epoch += 1000  # a fresh order every call
+        return _Steps(self.loader, steps, self.epoch)
+
+    def train(self, steps: int) -> float:
+        """Images/s of training fed through the real data path."""
+        return self._epoch(self._steps(steps))
+
+    def static(self, steps: int) -> float:
+        """Images/s of the same loop on one uint8 batch already on the device."""
+        on_device = self.fabric.to_device(next(iter(self.loader)))
+        return self._epoch([on_device] * steps)
+
+    def loader_only(self, steps: int) -> float:
+        """Images/s of the data path alone: cache batch -> device."""
+        start, seen = time.perf_counter(), 0
+        for images, _labels in self._steps(steps):
+            seen += len(self.fabric.to_device(images))
+        _sync(self.fabric.device)
+        return seen / (time.perf_counter() - start)
 
 
 def synthetic_split(work: Path, n_images: int, size: int, workers: int | None) -> CachedSplit:
@@ -177,49 +194,49 @@ def synthetic_split(work: Path, n_images: int, size: int, workers: int | None) -
     return split
 
 
-def _guarded(label: str, measure: Callable[[], float]) -> float:
-    try:
-        return measure()
-    except Exception as exc:  # report and go on with the other measurements
-        print(f"{label} failed: {exc!r}"[:400], flush=True)
-        return math.nan
+def interleaved(ceiling: Callable[[int], float], ours: Callable[[int], float],
+                args: argparse.Namespace) -> tuple[float, float, float]:
+    """Medians of (ceiling, ours, ours/ceiling) over rounds that alternate the two.
+
+    On a shared machine throughput drifts by tens of percent over minutes; alternating short
+    runs lets both sides see the same drift, and the ratio is taken within each round.
+    """
+    ceiling(args.warmup)
+    ours(args.warmup)
+    per_round = max(1, args.steps // args.rounds)
+    pairs = []
+    for _ in range(args.rounds):
+        pairs.append((ceiling(per_round), ours(per_round)))
+    ratios = [o / c for c, o in pairs]
+    return (statistics.median(c for c, _ in pairs), statistics.median(o for _, o in pairs),
+            statistics.median(ratios))
 
 
-def measure_eager(arch: str, size: int, args: argparse.Namespace, split: CachedSplit) -> dict:
+def measure(arch: str, size: int, args: argparse.Namespace, split: CachedSplit, *,
+            compiled: bool) -> dict:
+    """One architecture's figures, eager or compiled; a failure is reported as NaN."""
     device = torch.device(args.device)
-    common = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps}
-    row: dict = {"arch": arch, "size": size, "batch": args.batch, "steps": args.steps}
-    row["ceiling_images_per_s"] = _guarded(f"{arch} ceiling", lambda: ceiling(
-        arch, size, device=device, compile_step=False, **common))
-    figures = {"pipeline": math.nan, "static": math.nan, "loader": math.nan}
-    try:
-        figures |= pipeline(split, arch, accelerator=_accelerator(device), compile_model=False,
-                            **common)
-    except Exception as exc:
-        print(f"{arch} pipeline failed: {exc!r}"[:400], flush=True)
-    row |= {"pipeline_images_per_s": figures["pipeline"],
-            "static_images_per_s": figures["static"],
-            "loader_images_per_s": figures["loader"],
-            "ratio": figures["pipeline"] / row["ceiling_images_per_s"]}
-    _free(device)
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def measure_compiled(row: dict, args: argparse.Namespace, split: CachedSplit) -> None:
-    device, arch = torch.device(args.device), row["arch"]
-    common = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps}
+    suffix = "_compiled" if compiled else ""
     started = time.perf_counter()
-    row["ceiling_compiled_images_per_s"] = _guarded(f"{arch} ceiling compiled", lambda: ceiling(
-        arch, row["size"], device=device, compile_step=True, **common))
-    row["pipeline_compiled_images_per_s"] = _guarded(f"{arch} pipeline compiled", lambda: (
-        pipeline(split, arch, accelerator=_accelerator(device), compile_model=True,
-                 static=False, **common)["pipeline"]))
-    row["ratio_compiled"] = row["pipeline_compiled_images_per_s"] / row["ceiling_compiled_images_per_s"]
-    row["compile_gain"] = row["pipeline_compiled_images_per_s"] / row["pipeline_images_per_s"]
-    row["compile_wall_s"] = time.perf_counter() - started
+    row: dict = {f"ceiling{suffix}_images_per_s": math.nan,
+                 f"pipeline{suffix}_images_per_s": math.nan, f"ratio{suffix}": math.nan}
+    ceiling = ours = None
+    try:
+        ceiling = make_ceiling(arch, size, batch=args.batch, device=device,
+                               compile_step=compiled)
+        ours = Pipeline(split, arch, batch=args.batch, accelerator=_accelerator(device),
+                        compile_model=compiled)
+        (row[f"ceiling{suffix}_images_per_s"], row[f"pipeline{suffix}_images_per_s"],
+         row[f"ratio{suffix}"]) = interleaved(ceiling, ours.train, args)
+        if not compiled:
+            row["static_images_per_s"] = ours.static(args.steps // args.rounds)
+            row["loader_images_per_s"] = ours.loader_only(args.steps // args.rounds)
+    except Exception as exc:  # report and go on with the other measurements
+        print(f"{arch}{suffix.replace('_', ' ')} failed: {exc!r}"[:600], flush=True)
+    row[f"wall{suffix}_s"] = time.perf_counter() - started
+    del ceiling, ours
     _free(device)
-    print(json.dumps(row), flush=True)
+    return row
 
 
 def _accelerator(device: torch.device) -> str:
@@ -233,7 +250,7 @@ def _free(device: torch.device) -> None:
 
 def table(rows: list[dict]) -> str:
     compiled = any("compile_gain" in r for r in rows)
-    head = ["arch", "size", "batch", "ceiling img/s", "pipeline img/s", "ratio",
+    head = ["arch", "size", "batch", "ceiling img/s", "pipeline img/s", "median ratio",
             "static-batch loop img/s", "loader img/s"]
     if compiled:
         head += ["ceiling compiled", "pipeline compiled", "ratio compiled", "compile gain"]
@@ -241,7 +258,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["arch"], str(r["size"]), str(r["batch"]), f"{r['ceiling_images_per_s']:.1f}",
                  f"{r['pipeline_images_per_s']:.1f}", f"{r['ratio']:.3f}",
-                 f"{r['static_images_per_s']:.1f}", f"{r['loader_images_per_s']:.0f}"]
+                 f"{r.get('static_images_per_s', math.nan):.1f}",
+                 f"{r.get('loader_images_per_s', math.nan):.0f}"]
         if compiled:
             cells += ([f"{r['ceiling_compiled_images_per_s']:.1f}",
                        f"{r['pipeline_compiled_images_per_s']:.1f}",
@@ -255,9 +273,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS))
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=200, help="measured steps per figure")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="measured steps per figure, split over --rounds")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternations of ceiling and pipeline (medians are reported)")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--images", type=int, default=2000, help="synthetic JPEGs to cache")
+    parser.add_argument("--images", type=int, default=1024, help="synthetic JPEGs to cache")
     parser.add_argument("--size-override", type=int, default=None, help="one size for all archs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
@@ -296,13 +317,20 @@ def main() -> None:
             (out / "train_throughput.md").write_text(text + "\n")
 
     for arch, size in sizes.items():
-        rows.append(measure_eager(arch, size, args, splits[size]))
+        row = {"arch": arch, "size": size, "batch": args.batch, "steps": args.steps,
+               "rounds": args.rounds}
+        rows.append(row | measure(arch, size, args, splits[size], compiled=False))
+        print(json.dumps(rows[-1]), flush=True)
         report()
     print(f"target: pipeline / ceiling ratio >= {TARGET_RATIO} in eager mode", flush=True)
     if args.compile:
         for row in rows:
             if row["arch"] in (args.compile_archs or args.archs):
-                measure_compiled(row, args, splits[row["size"]])
+                row |= measure(row["arch"], row["size"], args, splits[row["size"]],
+                               compiled=True)
+                row["compile_gain"] = (row["pipeline_compiled_images_per_s"]
+                                       / row["pipeline_images_per_s"])
+                print(json.dumps(row), flush=True)
                 report()
 
 

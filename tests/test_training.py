@@ -254,7 +254,7 @@ def test_fit_refuses_to_start_ddp_processes_itself(cached_sample, tmp_path, monk
 def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--device", "cpu",
-         "--archs", "resnet18", "--steps", "2", "--warmup", "1", "--batch", "4",
+         "--archs", "resnet18", "--steps", "2", "--rounds", "2", "--warmup", "1", "--batch", "4",
          "--images", "24", "--size-override", "32", "--workers", "1",
          "--work", str(tmp_path / "work")],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -264,4 +264,7 @@ def test_throughput_benchmark_runs_on_the_cpu(tmp_path):
     assert "| resnet18 |" in out.stdout and "ratio" in out.stdout
     report = json.loads((tmp_path / "train_throughput.json").read_text())
     assert report["results"][0]["arch"] == "resnet18"
-    assert report["results"][0]["pipeline_images_per_s"] > 0
+    row = report["results"][0]
+    assert row["pipeline_images_per_s"] > 0 and row["ceiling_images_per_s"] > 0
+    assert row["static_images_per_s"] > 0 and row["loader_images_per_s"] > 0
+    assert 0 < row["ratio"] < 10
