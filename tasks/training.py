@@ -20,8 +20,14 @@ def start_run(cfg: PipelineConfig, home: Path, tags: dict[str, str], split: Spli
                                      oversampled=oversampled)
 
 
+def _not_diverged(task, task_run, state) -> bool:
+    """Retry a training unless it diverged: the same seed and settings diverge again."""
+    return not getattr(state.result(raise_on_failure=False), "diverged", False)
+
+
 # A retry resumes from the architecture's last checkpoint (same run folder).
-@task(name="train", task_run_name="train-{arch}", retries=1, retry_delay_seconds=30)
+@task(name="train", task_run_name="train-{arch}", retries=1, retry_delay_seconds=30,
+      retry_condition_fn=_not_diverged)
 def train(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Path,
           class_weights: list[float] | None, parent_run_id: str,
           fingerprint: str) -> stages.TrainedArch:

@@ -244,6 +244,22 @@ def test_a_crashing_child_raises_training_failed_with_its_error(cached_sample, t
     assert "WeightsUnavailableError" in failure.value.output_tail
 
 
+def test_a_diverged_child_is_flagged_so_it_is_not_retried(cached_sample, tmp_path):
+    from prefect.states import Failed
+
+    from tasks.training import _not_diverged
+
+    cache, _ = cached_sample
+    with pytest.raises(TrainingFailed, match="FloatingPointError.*Lower lr") as failure:
+        train_in_subprocess(cache, "resnet18", tiny(epochs=1), out_dir=tmp_path / "run",
+                            class_weights=[float("nan")] * 7, env={"OMP_NUM_THREADS": "1"})
+    assert failure.value.diverged
+    # The train task's retry condition, on the Prefect states such failures produce.
+    assert not _not_diverged(None, None, Failed(data=failure.value))
+    crashed = TrainingFailed("killed", returncode=-9, output_tail="")
+    assert _not_diverged(None, None, Failed(data=crashed))
+
+
 def test_fit_refuses_to_start_ddp_processes_itself(cached_sample, tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     cache, _ = cached_sample

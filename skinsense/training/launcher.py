@@ -31,11 +31,16 @@ _TAIL_LINES = 40
 
 
 class TrainingFailed(RuntimeError):
-    """The training child exited with an error; the message ends with its last output."""
+    """The training child exited with an error; the message ends with its last output.
 
-    def __init__(self, message: str, *, returncode: int, output_tail: str) -> None:
+    `diverged` is True when the loss became non-finite (the loop's FloatingPointError): a
+    rerun with the same settings and seed diverges again, so retrying it is pointless.
+    """
+
+    def __init__(self, message: str, *, returncode: int, output_tail: str,
+                 diverged: bool = False) -> None:
         super().__init__(message)
-        self.returncode, self.output_tail = returncode, output_tail
+        self.returncode, self.output_tail, self.diverged = returncode, output_tail, diverged
 
 
 def worker_command(spec_path: Path, cfg: TrainConfig) -> list[str]:
@@ -94,7 +99,8 @@ def train_in_subprocess(
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
         raise TrainingFailed(
             f"training {arch} failed in its child process (exit status {returncode}): "
-            f"{last}\n--- its last output ---\n{tail}", returncode=returncode, output_tail=tail)
+            f"{last}\n--- its last output ---\n{tail}", returncode=returncode, output_tail=tail,
+            diverged=last.startswith("FloatingPointError"))
     if not result_path.exists():
         raise TrainingFailed(f"training {arch} ended without writing {result_path}; its last "
                              f"output:\n{tail}", returncode=returncode, output_tail=tail)
