@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skinsense.paths import Home
+from skinsense.processes import pid_alive
 
 PREFECT = "prefect-server"
 MLFLOW = "mlflow-server"
@@ -95,19 +96,6 @@ def _port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((_client_host(host), port)) == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours, not yet reaped, still answers kill(0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _read_pid(pid_file: Path) -> int | None:
@@ -223,7 +211,7 @@ def _wait_healthy(services: list[tuple[_Service, subprocess.Popen]], timeout_s: 
 
 def _running(service: _Service) -> bool:
     pid = _read_pid(service.pid_file)
-    return pid is not None and _alive(pid)
+    return pid is not None and pid_alive(pid)
 
 
 def champion_exists(mlflow_url: str, model_name: str = MODEL_NAME) -> bool:
@@ -305,7 +293,7 @@ def status(home: Home | Path | str) -> list[dict]:
     for name in SERVICES:
         service = services[name]
         pid = _read_pid(service.pid_file)
-        running = pid is not None and _alive(pid)
+        running = pid is not None and pid_alive(pid)
         record = {"name": name, "pid": pid if running else None, "running": running,
                   "healthy": running and _http_ok(service.health_url), "url": service.url,
                   "log": str(service.log_file)}
@@ -346,7 +334,7 @@ def _signal_group(pid: int, sig: int) -> None:
 def _stop_pid(pid_file: Path, timeout_s: float = 20.0) -> bool:
     pid = _read_pid(pid_file)
     stopped = False
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         # Descendants that started sessions of their own (the runner's flow runs) are not
         # in the process group; remember them before their parent goes away.
         strays = [p for p in _children(pid) if _pgid(p) not in (pid, None)]
@@ -354,10 +342,10 @@ def _stop_pid(pid_file: Path, timeout_s: float = 20.0) -> bool:
         for target in targets:
             _signal_group(target, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while any(_alive(t) for t in targets) and time.monotonic() < deadline:
+        while any(pid_alive(t) for t in targets) and time.monotonic() < deadline:
             time.sleep(0.2)
         for target in targets:
-            if _alive(target):
+            if pid_alive(target):
                 _signal_group(target, signal.SIGKILL)
         stopped = True
     pid_file.unlink(missing_ok=True)

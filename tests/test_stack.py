@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 
 from skinsense import stack
+from skinsense.processes import pid_alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -57,7 +58,7 @@ def test_up_status_down(home, monkeypatch):
     finally:
         stopped = stack.down(home.root)
     assert set(stopped) == {stack.PREFECT, stack.MLFLOW, stack.RUNNER}
-    assert all(not stack._alive(pid) for pid in pids)
+    assert all(not pid_alive(pid) for pid in pids)
     assert not any(r["running"] for r in stack.status(home.root))
     assert not answers(f"http://127.0.0.1:{prefect_port}/api/health")
     assert stack.down(home.root) == []  # idempotent

@@ -36,6 +36,7 @@ from PIL import Image
 
 from skinsense.data.records import IMAGE_PATH_COLUMN, CachedSplit, ImageCache
 from skinsense.labels import CODE_TO_INDEX
+from skinsense.processes import is_leftover
 
 if TYPE_CHECKING:  # decoding workers import this module; pandas would add 0.25 s to each
     import pandas as pd
@@ -232,20 +233,8 @@ def _remove_dead_temps(out: Path, name: str) -> None:
     leftovers = [tmp for pattern in patterns for tmp in out.glob(pattern)]
     for tmp in leftovers:
         pid_text = tmp.name.split(_TEMP_MARK, 1)[1].split("-", 1)[0]
-        if not pid_text.isdigit() or not _pid_alive(int(pid_text)):
+        if not pid_text.isdigit() or is_leftover(int(pid_text)):
             tmp.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours, from an earlier interrupted call in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:

@@ -62,6 +62,7 @@ from skinsense.data.dataverse import (
 )
 from skinsense.data.records import METADATA_COLUMNS, FetchedData
 from skinsense.paths import Home
+from skinsense.processes import is_leftover
 
 log = logging.getLogger(__name__)
 
@@ -410,20 +411,8 @@ def _remove_stale_temps(root: Path, name: str) -> None:
     """Removes temporary folders of interrupted runs whose process is gone."""
     for tmp in root.glob(f".tmp-{name}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and is_leftover(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours is left over from an earlier call in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _extract_jpegs(zf: zipfile.ZipFile, archive: Path, dest: Path,

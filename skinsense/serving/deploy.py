@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from skinsense.config import ServeConfig
+from skinsense.processes import pid_alive
 from skinsense.serving.app import SERVE_CONFIG_ENV, example_images
 
 PID_FILE, LOG_FILE = "app.pid", "app.log"
@@ -47,25 +48,13 @@ class Deployment(BaseModel):
     action: Literal["started", "reloaded"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # A zombie child (ours, not yet reaped) still answers kill(0).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
-
-
 def _running_pid(app_dir: Path) -> int | None:
     """The pid in the app folder's pid file when that process is alive."""
     try:
         pid = int((app_dir / PID_FILE).read_text().strip() or 0)
     except (OSError, ValueError):
         return None
-    return pid if pid and _alive(pid) else None
+    return pid if pid and pid_alive(pid, signalable=True) else None
 
 
 def stop_app(app_dir: Path, *, timeout_s: float = 20.0) -> bool:
@@ -78,9 +67,9 @@ def stop_app(app_dir: Path, *, timeout_s: float = 20.0) -> bool:
     if pid:
         os.killpg(pid, signal.SIGTERM)  # the app leads its own session (start_new_session)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid, signalable=True) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if pid_alive(pid, signalable=True):
             os.killpg(pid, signal.SIGKILL)
         stopped = True
     pid_file.unlink(missing_ok=True)
@@ -178,7 +167,7 @@ def deploy_app(model_uri: str, *, expected_version: str | None, app_dir: Path, h
 
 def _wait_for_health(url: str, pid: int, timeout_s: float) -> dict | None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid, signalable=True):
         if (state := health(url)) is not None:
             return state
         time.sleep(0.5)
