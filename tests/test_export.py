@@ -78,6 +78,9 @@ def test_predictor_uses_onnxruntime_and_matches_torch(exported):
     np.testing.assert_allclose(from_onnx, from_torch, rtol=0, atol=1e-4)
     # The check would pass trivially if the model ignored its input.
     assert np.abs(from_torch[0] - from_torch[1]).max() > 1e-3
+    # The ONNX path normalizes in numpy (no torch thread pool): the very same input values.
+    np.testing.assert_array_equal(onnx_predictor._normalized_array(images),
+                                  torch_predictor.preprocess(images).numpy())
 
 
 def test_folder_without_onnx_is_served_by_torch(tmp_path):
