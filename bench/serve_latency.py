@@ -6,8 +6,14 @@ depend on them), measured in one run:
 - raw: the eager PyTorch forward of the same network, batch 1, fp32, on a ready tensor;
 - request: `Client.predict(handle_file(jpeg), api_name="/classify")` against the app started
   as `skinsense serve` on a model folder with its ONNX export (what a registered version
-  holds), i.e. upload + queue + JPEG decode + preprocessing + ONNX Runtime + JSON back;
-- throughput: 8 clients in threads, each sending requests back to back.
+  holds), i.e. upload + queue + JPEG decode + preprocessing + ONNX Runtime + JSON back.
+  Measured with two clients: `Client(url, ssl_verify=False)`, right for the plain-HTTP URL
+  of a local app, and the default `Client(url)`, which builds a TLS context (certifi's CA
+  bundle, about 21 ms here) for each of its HTTP calls even when the URL is http://;
+- throughput: 8 clients (ssl_verify=False) in threads, each sending requests back to back.
+
+The target compares the ssl_verify=False request with the raw forward: the TLS contexts are
+the client library's cost on a connection that uses no TLS, not the service's.
 
 Usage: python bench/serve_latency.py [--requests 40] [--record]   (--record appends to
 bench/RESULTS.md)
@@ -43,27 +49,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def interleaved_ms(model_dir: Path, url: str, image: Path, n: int) -> tuple[list[float], list[float]]:
-    """Raw forwards and full requests, alternated so both see the same machine load."""
+def interleaved_ms(model_dir: Path, url: str, image: Path, n: int) -> dict[str, list[float]]:
+    """Raw forwards and full requests (both clients), alternated so all see the same load."""
     from gradio_client import Client, handle_file
 
     from skinsense.packaging import load_model_dir
 
     model, _ = load_model_dir(model_dir)
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    client = Client(url, verbose=False)
-    raw, request = [], []
+    clients = {"request": Client(url, verbose=False, ssl_verify=False),
+               "request_default_client": Client(url, verbose=False)}
+    times: dict[str, list[float]] = {"raw": [], **{name: [] for name in clients}}
     with torch.inference_mode():
         for i in range(n + 3):
             start = time.perf_counter()
             model(x)
-            middle = time.perf_counter()
-            client.predict(handle_file(str(image)), api_name="/classify")
-            end = time.perf_counter()
+            elapsed = {"raw": time.perf_counter() - start}
+            for name, client in clients.items():
+                start = time.perf_counter()
+                client.predict(handle_file(str(image)), api_name="/classify")
+                elapsed[name] = time.perf_counter() - start
             if i >= 3:  # warm-up
-                raw.append((middle - start) * 1000)
-                request.append((end - middle) * 1000)
-    return raw, request
+                for name, seconds in elapsed.items():
+                    times[name].append(seconds * 1000)
+    return times
 
 
 def start_app(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str, dict]:
@@ -96,7 +105,7 @@ def throughput(url: str, images: list[Path], clients: int, per_client: int) -> f
     errors: list[Exception] = []
 
     def work(i: int) -> None:
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, ssl_verify=False)
         barrier.wait()
         for j in range(per_client):
             try:
@@ -137,30 +146,34 @@ def main() -> None:
         export_onnx(model_dir)
         process, url, state = start_app(model_dir, Path(tmp) / "app.log")
         try:
-            raw, req = interleaved_ms(model_dir, url, images[0], args.requests)
+            times = interleaved_ms(model_dir, url, images[0], args.requests)
             rps = throughput(url, images, 8, args.per_client)
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
 
-    rows = [
-        ("raw eager PyTorch forward, batch 1, fp32, tensor ready (bench process)",
-         statistics.median(raw), percentile(raw, 95)),
-        (f"full /classify request via gradio_client (app backend: {state['backend']})",
-         statistics.median(req), percentile(req, 95)),
-    ]
+    names = {
+        "raw": "raw eager PyTorch forward, batch 1, fp32, tensor ready (bench process)",
+        "request": f"full /classify request, gradio_client `ssl_verify=False` (app backend: "
+                   f"{state['backend']})",
+        "request_default_client": "the same request, default gradio_client (a TLS context "
+                                  "built per HTTP call)",
+    }
+    rows = [(names[k], statistics.median(v), percentile(v, 95)) for k, v in times.items()]
     ratio = rows[1][1] / rows[0][1]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [
         f"{ARCH} at {SIZE} px, random weights; {machine}; torch {torch.__version__}; "
-        f"{date.today().isoformat()}; {args.requests} timed pairs (one raw forward, then one "
-        f"request, alternated so both see the same machine load) after 3 warm-up pairs; "
+        f"{date.today().isoformat()}; {args.requests} timed rounds (one raw forward, then one "
+        f"request with each client, alternated so all see the same machine load) after 3 "
+        f"warm-up rounds; "
         f"1-minute load average at the end {os.getloadavg()[0]:.1f}.",
         "",
         "| measurement | p50 ms | p95 ms |",
         "| --- | ---: | ---: |",
         *[f"| {name} | {p50:.1f} | {p95:.1f} |" for name, p50, p95 in rows],
         f"| request p50 / raw forward p50 | {ratio:.2f} | |",
+        f"| default-client request p50 / raw forward p50 | {rows[2][1] / rows[0][1]:.2f} | |",
         "",
         f"Throughput with 8 concurrent gradio_client clients x {args.per_client} requests: "
         f"**{rps:.1f} requests/s** ({1000 / rps:.0f} ms per request on average).",
