@@ -8,6 +8,7 @@ makes) on a small synthetic sample; the run must leave its parent and child runs
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,7 +73,9 @@ def live_stack(tmp_path_factory):
                 with get_client(sync_client=True) as client:
                     yield {"client": client, "root": root, "api": api,
                            "mlflow": f"http://127.0.0.1:{mlflow_port}",
-                           "prefect_home": root / "prefect"}
+                           "prefect_home": root / "prefect",
+                           "ports": {"prefect_port": prefect_port,
+                                     "mlflow_port": mlflow_port, "app_port": app_port}}
         finally:
             stack.down(root)
 
@@ -109,7 +112,12 @@ def test_a_bad_parameter_is_refused_before_anything_runs(live_stack):
     assert refused.value.response.status_code == 409
     detail = refused.value.response.json()["detail"]
     assert "config.train.epochs" in detail and "minimum of 1" in detail
-    assert client.read_flow_runs() == []
+    # Nothing was created for it (the server's scheduler may already have queued the weekly
+    # deployment's next runs, so only this deployment's runs count).
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    assert client.read_flow_runs(deployment_filter=DeploymentFilter(
+        id=DeploymentFilterId(any_=[deployment.id]))) == []
 
 
 @pytest.mark.slow
@@ -172,6 +180,36 @@ def test_a_second_run_takes_the_data_stage_from_the_cache(live_stack, synthetic_
     data_states = {t.name: t.state.name for t in task_runs
                    if t.name.split("-")[0] in ("fetch", "validate", "split", "oversample", "cache")}
     assert data_states and all(s == "Cached" for s in data_states.values()), data_states
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_weekly_schedule_survives_a_runner_restart(live_stack):
+    from skinsense import stack
+    from skinsense.processes import pid_alive
+
+    client, root = live_stack["client"], live_stack["root"]
+
+    def schedule() -> tuple[bool, list[bool]]:
+        deployment = client.read_deployment_by_name(
+            f"skinsense-pipeline/{definitions.SCHEDULED}")
+        return deployment.paused, [s.active for s in deployment.schedules]
+
+    assert schedule() == (False, [True])
+    runner = next(r for r in stack.status(root) if r["name"] == stack.RUNNER)
+    assert runner["running"]
+    # A graceful stop (what Ctrl-C, systemd or a container stop sends first): the runner has
+    # every chance to pause its schedules on the way out, as Prefect's default would.
+    os.kill(runner["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while pid_alive(runner["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pid_alive(runner["pid"]), "the runner did not stop within 120 s of SIGTERM"
+    assert schedule() == (False, [True])
+
+    stack.up(root, with_app=False, parts=(stack.RUNNER,), **live_stack["ports"])
+    assert schedule() == (False, [True])
+    assert next(r for r in stack.status(root) if r["name"] == stack.RUNNER)["healthy"]
 
 
 @pytest.mark.slow
