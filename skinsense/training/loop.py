@@ -305,10 +305,12 @@ def fit(
         if not math.isfinite(metrics["train_loss"]):
             # Raised before this epoch is checkpointed: last.ckpt and the best weights are
             # still those of the last finite epoch.
+            kept = (f"the checkpoint of epoch {state['epoch']} in {ckpt} is kept"
+                    if state["epoch"] else "nothing was checkpointed")
             raise FloatingPointError(
                 f"{arch}: the training loss became {metrics['train_loss']} in epoch {epoch} "
                 f"(lr={cfg.lr}). Lower lr, keep grad_clip_norm set, or use precision="
-                f"'32-true'; the checkpoint of epoch {state['epoch']} in {ckpt} is kept")
+                f"'32-true'; {kept}")
         metrics |= evaluate(fabric, model, val_loader, eval_preset)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         _end_epoch(fabric, state, epoch, metrics, ckpt, best_path)
