@@ -14,9 +14,11 @@ a shared machine over minutes hits both sides alike:
               `train_one_epoch` of `skinsense.training.loop` (BatchedCacheLoader with pinned
               uint8 batches, TrainPreset augmentation on the GPU, Fabric bf16-mixed,
               channels_last, AdamW, gradient clipping as TrainConfig's defaults);
-  static    - (once, after the rounds) the same loop fed one uint8 batch that already sits on the device (what the
-              loop itself costs over the ceiling: augmentation, Fabric, clipping);
-  loader    - (once) the data path alone: cache batches copied to the device, images/s.
+  static    - (once, after the rounds) the same loop fed one uint8 batch that already sits
+              on the device (what the loop itself costs over the ceiling: augmentation,
+              Fabric, clipping);
+  loader    - (once) the data path alone: cache batches through `to_device_ahead`, the
+              training loop's own copy to the device, images/s.
 
 Eager figures come first for every architecture; with --compile, the architectures in
 --compile-archs are then measured again with torch.compile (ceiling: the step function, as
@@ -64,7 +66,7 @@ from skinsense.data.synth import (
     METADATA_CSV,
     make_synthetic_ham10000,
 )
-from skinsense.training.batches import BatchedCacheLoader
+from skinsense.training.batches import BatchedCacheLoader, to_device_ahead
 from skinsense.training.loop import setup_training, train_one_epoch
 
 ARCHS = {"efficientnet_b0": 224, "efficientnet_b3": 300, "maxvit_t": 224}
@@ -163,10 +165,10 @@ class Pipeline:
         return self._epoch([on_device] * steps)
 
     def loader_only(self, steps: int) -> float:
-        """Images/s of the data path alone: cache batch -> device."""
+        """Images/s of the data path alone: cache batch -> device, as `train_one_epoch` does."""
         start, seen = time.perf_counter(), 0
-        for images, _labels in self._steps(steps):
-            seen += len(self.fabric.to_device(images))
+        for images, _labels in to_device_ahead(self._steps(steps), self.fabric.device):
+            seen += len(images)
         _sync(self.fabric.device)
         return seen / (time.perf_counter() - start)
 
@@ -203,10 +205,7 @@ def interleaved(ceiling: Callable[[int], float], ours: Callable[[int], float],
     """
     ceiling(args.warmup)
     ours(args.warmup)
-    per_round = max(1, args.steps // args.rounds)
-    pairs = []
-    for _ in range(args.rounds):
-        pairs.append((ceiling(per_round), ours(per_round)))
+    pairs = [(ceiling(_per_round(args)), ours(_per_round(args))) for _ in range(args.rounds)]
     ratios = [o / c for c, o in pairs]
     return (statistics.median(c for c, _ in pairs), statistics.median(o for _, o in pairs),
             statistics.median(ratios))
@@ -229,14 +228,18 @@ def measure(arch: str, size: int, args: argparse.Namespace, split: CachedSplit, 
         (row[f"ceiling{suffix}_images_per_s"], row[f"pipeline{suffix}_images_per_s"],
          row[f"ratio{suffix}"]) = interleaved(ceiling, ours.train, args)
         if not compiled:
-            row["static_images_per_s"] = ours.static(args.steps // args.rounds)
-            row["loader_images_per_s"] = ours.loader_only(args.steps // args.rounds)
+            row["static_images_per_s"] = ours.static(_per_round(args))
+            row["loader_images_per_s"] = ours.loader_only(_per_round(args))
     except Exception as exc:  # report and go on with the other measurements
         print(f"{arch}{suffix.replace('_', ' ')} failed: {exc!r}"[:600], flush=True)
     row[f"wall{suffix}_s"] = time.perf_counter() - started
     del ceiling, ours
     _free(device)
     return row
+
+
+def _per_round(args: argparse.Namespace) -> int:
+    return args.steps // args.rounds
 
 
 def _accelerator(device: torch.device) -> str:
@@ -288,6 +291,10 @@ def main() -> None:
                         help="processes drawing and caching the JPEGs (default: all cores)")
     parser.add_argument("--work", type=Path, default=None, help="folder for JPEGs and cache")
     args = parser.parse_args()
+    if args.rounds < 1 or args.steps < args.rounds or args.warmup < 1 or args.batch < 1:
+        parser.error(f"need --rounds >= 1, --steps >= --rounds, --warmup >= 1 and --batch >= 1 "
+                     f"(got rounds {args.rounds}, steps {args.steps}, warmup {args.warmup}, "
+                     f"batch {args.batch})")
 
     # The anchor's settings, so that both columns run under the same backend flags.
     torch.backends.cudnn.benchmark = True
