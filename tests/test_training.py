@@ -20,7 +20,7 @@ from skinsense.models import IMAGENET_MEAN, IMAGENET_STD
 from skinsense.packaging import load_card
 from skinsense.presets import make_preset
 from skinsense.training.batches import BatchedCacheLoader
-from skinsense.training.launcher import TrainingFailed, train_in_subprocess
+from skinsense.training.launcher import RESULT_FILE, TrainingFailed, train_in_subprocess
 from skinsense.training.loop import balanced_accuracy, fit, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +258,40 @@ def test_a_diverged_child_is_flagged_so_it_is_not_retried(cached_sample, tmp_pat
     assert not _not_diverged(None, None, Failed(data=failure.value))
     crashed = TrainingFailed("killed", returncode=-9, output_tail="")
     assert _not_diverged(None, None, Failed(data=crashed))
+
+
+def test_ddp_on_two_cpu_processes_validates_the_model_it_saves(cached_sample, tmp_path, capsys):
+    from skinsense.evaluation import predict_probabilities
+
+    cache, oversampled = cached_sample
+    result = train_in_subprocess(cache, "resnet18", tiny(epochs=2, devices=2, accelerator="cpu"),
+                                 out_dir=tmp_path / "run", class_weights=oversampled.class_weights,
+                                 env={"OMP_NUM_THREADS": "1"})
+    out = capsys.readouterr().out
+    assert {line.split("rank=")[1].split(":")[0] for line in out.splitlines()
+            if line.startswith("training worker pid=")} == {"0", "1"}  # torchrun ran two ranks
+    assert result.epochs_run == 2 and result.model_dir.is_dir()
+    # The model rank 0 saved, run alone over the whole validation part, must give the loss
+    # and balanced accuracy the two ranks summed for its epoch: so both ranks held the same
+    # weights and batch-norm statistics, and every validation image was counted once.
+    best = result.history[result.best_epoch - 1]
+    probabilities = predict_probabilities(result.model_dir, cache.val, batch_size=16)
+    labels = np.load(cache.val.labels_npy)
+    loss = -np.log(probabilities[np.arange(len(labels)), labels]).mean()
+    assert loss == pytest.approx(best["val_loss"], rel=1e-4)
+    confusion = torch.zeros(7, 7, dtype=torch.long)
+    for truth, guess in zip(labels, probabilities.argmax(axis=1), strict=True):
+        confusion[truth, guess] += 1
+    assert balanced_accuracy(confusion) == pytest.approx(best["val_balanced_accuracy"])
+
+
+def test_more_devices_than_gpus_is_refused_before_training(cached_sample, tmp_path):
+    cache, _ = cached_sample
+    gpus = torch.cuda.device_count()
+    wanted = max(gpus + 1, 2)
+    with pytest.raises(ValueError, match=f"needs {wanted} CUDA GPUs, but this machine has {gpus}"):
+        train_in_subprocess(cache, "resnet18", tiny(devices=wanted), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / RESULT_FILE).exists()
 
 
 def test_fit_refuses_to_start_ddp_processes_itself(cached_sample, tmp_path, monkeypatch):

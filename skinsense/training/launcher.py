@@ -6,7 +6,7 @@ out-of-memory abort, ends the child and not the flow; and DDP can start one proc
 without re-executing the caller's script (what `fabric.launch()` would do in it).
 
 The child is `python -m skinsense.training.worker SPEC` (see `worker.py`), or torchrun of the
-same module with `devices > 1` on CUDA. Its output is copied to this process's stdout line by
+same module with `devices > 1`. Its output is copied to this process's stdout line by
 line, so Prefect's log capture and a terminal see the epochs as they end.
 """
 
@@ -43,12 +43,33 @@ class TrainingFailed(RuntimeError):
         self.returncode, self.output_tail, self.diverged = returncode, output_tail, diverged
 
 
+def check_devices(cfg: TrainConfig) -> None:
+    """Refuse a `devices > 1` this machine cannot give, before any process is started.
+
+    Several CUDA GPUs run one DDP process each (NCCL). `accelerator='cpu'` with `devices > 1`
+    runs that many DDP processes on the CPU (gloo): the same code path, used to test DDP on
+    machines without GPUs.
+    """
+    if cfg.devices == 1:
+        return
+    if cfg.accelerator == "cpu":
+        return
+    if cfg.accelerator not in ("auto", "cuda", "gpu"):
+        raise ValueError(f"devices={cfg.devices} is not supported with accelerator="
+                         f"'{cfg.accelerator}'; use CUDA GPUs, or devices=1")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < cfg.devices:
+        raise ValueError(
+            f"devices={cfg.devices} needs {cfg.devices} CUDA GPUs, but this machine has "
+            f"{available}; set devices to at most {max(available, 1)} (or accelerator='cpu' "
+            f"to run {cfg.devices} DDP processes on the CPU)")
+
+
 def worker_command(spec_path: Path, cfg: TrainConfig) -> list[str]:
-    """The child's command line: torchrun with one process per GPU when `devices > 1`."""
+    """The child's command line: torchrun with one process per device when `devices > 1`."""
     module = ["-m", "skinsense.training.worker", str(spec_path)]
     if cfg.devices > 1:
-        if cfg.accelerator not in ("auto", "cuda", "gpu") or not torch.cuda.is_available():
-            raise ValueError(f"devices={cfg.devices} needs CUDA GPUs; none are available here")
+        check_devices(cfg)
         # --standalone: a private rendezvous on a free port, so runs on one host never clash.
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={cfg.devices}", *module]
