@@ -285,6 +285,24 @@ def test_ddp_on_two_cpu_processes_validates_the_model_it_saves(cached_sample, tm
     assert balanced_accuracy(confusion) == pytest.approx(best["val_balanced_accuracy"])
 
 
+def test_a_training_child_sees_only_the_gpu_no_other_training_holds(cached_sample, tmp_path,
+                                                                   monkeypatch, capsys):
+    from skinsense.training import launcher
+    from skinsense.training.gpus import reserve_gpus
+
+    # Two GPUs as far as the launcher knows; the child still trains on this CPU.
+    monkeypatch.setattr(launcher, "visible_gpus", lambda: ["0", "1"])
+    cache, _ = cached_sample
+    locks = tmp_path / "locks"
+    with reserve_gpus(1, ["0"], lock_dir=locks):  # another training holds GPU 0
+        train_in_subprocess(cache, "resnet18", tiny(epochs=1), out_dir=tmp_path / "run",
+                            gpu_lock_dir=locks, env={"OMP_NUM_THREADS": "1"})
+    assert "resnet18 on GPU(s) 1" in capsys.readouterr().out
+    # Its reservation ended with the child: both GPUs are free again.
+    with reserve_gpus(2, ["0", "1"], lock_dir=locks, timeout_s=0):
+        pass
+
+
 def test_more_devices_than_gpus_is_refused_before_training(cached_sample, tmp_path):
     cache, _ = cached_sample
     gpus = torch.cuda.device_count()

@@ -3,7 +3,9 @@
 Training in a child keeps the calling process (a Prefect flow, the CLI) out of harm's way: its
 GPU memory is all freed when the child exits, between architectures; a crash, even a CUDA or
 out-of-memory abort, ends the child and not the flow; and DDP can start one process per GPU
-without re-executing the caller's script (what `fabric.launch()` would do in it).
+without re-executing the caller's script (what `fabric.launch()` would do in it). On CUDA
+the child is given `devices` GPUs that no other training on this machine holds
+(`skinsense.training.gpus`), so trainings that run side by side do not share GPU 0.
 
 The child is `python -m skinsense.training.worker SPEC` (see `worker.py`), or torchrun of the
 same module with `devices > 1`. Its output is copied to this process's stdout line by
@@ -13,6 +15,7 @@ line, so Prefect's log capture and a terminal see the epochs as they end.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -23,6 +26,7 @@ import torch
 
 from skinsense.config import TrainConfig
 from skinsense.data.records import ImageCache
+from skinsense.training.gpus import DEFAULT_LOCK_DIR, reserve_gpus, visible_gpus
 from skinsense.training.loop import TrainResult
 
 SPEC_FILE = "train_spec.json"
@@ -86,6 +90,7 @@ def train_in_subprocess(
     card_extra: dict | None = None,
     mlflow_run_id: str | None = None,
     env: dict[str, str] | None = None,
+    gpu_lock_dir: Path = DEFAULT_LOCK_DIR,
 ) -> TrainResult:
     """Train `arch` like `fit`, in a child process; returns the child's `TrainResult`.
 
@@ -100,6 +105,9 @@ def train_in_subprocess(
         mlflow_run_id: When given, the child logs each epoch's metrics to this MLflow run
             (set MLFLOW_TRACKING_URI in `env` when the store is not the default).
         env: Extra environment variables for the child.
+        gpu_lock_dir: Where the per-GPU lock files are (see `skinsense.training.gpus`): on
+            CUDA the child gets `cfg.devices` GPUs no other training holds, waiting for
+            them if need be, and sees only those.
 
     Raises:
         TrainingFailed: The child exited with a non-zero status (or was killed).
@@ -114,7 +122,13 @@ def train_in_subprocess(
             "mlflow_run_id": mlflow_run_id, "result": str(result_path)}
     spec_path.write_text(json.dumps(spec, indent=1))
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    returncode, tail = _run_streaming(worker_command(spec_path, cfg), child_env)
+    command = worker_command(spec_path, cfg)
+    gpus = visible_gpus() if cfg.accelerator in ("auto", "cuda", "gpu") else []
+    with (reserve_gpus(cfg.devices, gpus, lock_dir=gpu_lock_dir, on_wait=_say) if gpus
+          else contextlib.nullcontext()) as held:
+        if held:
+            child_env["CUDA_VISIBLE_DEVICES"] = ",".join(held)
+        returncode, tail = _run_streaming(command, child_env)
     if returncode != 0:
         # The last line of a Python crash is the exception itself: lead with it.
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
@@ -126,6 +140,10 @@ def train_in_subprocess(
         raise TrainingFailed(f"training {arch} ended without writing {result_path}; its last "
                              f"output:\n{tail}", returncode=returncode, output_tail=tail)
     return TrainResult.model_validate_json(result_path.read_text())
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _run_streaming(command: list[str], env: dict[str, str]) -> tuple[int, str]:

@@ -31,7 +31,9 @@ def main(spec_path: str) -> None:
     """Train as the spec says and write the result file (rank 0)."""
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ.get("RANK", "0"))
-    print(f"training worker pid={os.getpid()} rank={rank}: {spec['arch']}", flush=True)
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    print(f"training worker pid={os.getpid()} rank={rank}: {spec['arch']}"
+          + (f" on GPU(s) {gpus}" if gpus else ""), flush=True)
     run_id = spec.get("mlflow_run_id")
     result = fit(ImageCache.model_validate(spec["cache"]), spec["arch"],
                  TrainConfig.model_validate(spec["cfg"]), out_dir=Path(spec["out_dir"]),
