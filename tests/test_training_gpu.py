@@ -89,3 +89,19 @@ def test_batches_copied_ahead_on_a_side_stream_arrive_intact():
         del images, labels  # frees the memory for the allocator to reuse
     torch.cuda.synchronize()
     assert [(int(a), int(b)) for a, b in seen] == [(i, i) for i in range(24)]
+
+
+def test_a_training_child_on_cuda_gets_a_gpu_of_its_own(cached_sample, tmp_path, capsys):
+    from skinsense.training.gpus import reserve_gpus, visible_gpus
+    from skinsense.training.launcher import train_in_subprocess
+
+    cache, _ = cached_sample
+    gpus, locks = visible_gpus(), tmp_path / "locks"
+    cfg = TrainConfig(archs=["resnet18"], epochs=1, batch_size=32, pretrained=False,
+                      progress=False)
+    result = train_in_subprocess(cache, "resnet18", cfg, out_dir=tmp_path / "run",
+                                 gpu_lock_dir=locks)
+    assert f"resnet18 on GPU(s) {gpus[0]}" in capsys.readouterr().out
+    assert result.epochs_run == 1 and result.history[0]["images_per_s"] > 0
+    with reserve_gpus(len(gpus), gpus, lock_dir=locks, timeout_s=0):
+        pass  # the child's reservation ended with it
