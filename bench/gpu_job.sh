@@ -11,7 +11,9 @@
 #   WHEELS          folder of wheels to install first (the GPU image lacks pydantic)
 #   PARTS           what to run, any of: anchor tests bench (default: all three)
 #   STEPS           measured steps per figure, over ROUNDS alternations (default 100, 5)
-#   COMPILE_ARCHS   architectures to measure compiled (default: the two EfficientNets)
+#   ARCHS           architectures to measure (default: the bench's three)
+#   COMPILE_ARCHS   architectures to measure compiled (default: the two EfficientNets;
+#                   set but empty: eager only)
 #   BENCH_TIMEOUT   seconds for the throughput bench, compile included (default 300);
 #                   results are rewritten after every step, so a cut-off run keeps them
 set -uo pipefail
@@ -45,10 +47,11 @@ if [[ $PARTS == *" tests "* ]]; then
 fi
 if [[ $PARTS == *" bench "* ]]; then
     echo "== training throughput"
+    COMPILE_ARCHS=${COMPILE_ARCHS-efficientnet_b0 efficientnet_b3}
     # shellcheck disable=SC2086
     timeout "${BENCH_TIMEOUT:-300}" python3 bench/train_throughput.py --batch 64 \
-        --steps "${STEPS:-100}" --rounds "${ROUNDS:-5}" --compile \
-        --compile-archs ${COMPILE_ARCHS:-efficientnet_b0 efficientnet_b3} 2>&1 \
+        --steps "${STEPS:-100}" --rounds "${ROUNDS:-5}" ${ARCHS:+--archs $ARCHS} \
+        ${COMPILE_ARCHS:+--compile --compile-archs $COMPILE_ARCHS} 2>&1 \
         | tee "$OUT/train_throughput.log"
 fi
 echo "== done"
