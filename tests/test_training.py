@@ -261,8 +261,6 @@ def test_a_diverged_child_is_flagged_so_it_is_not_retried(cached_sample, tmp_pat
 
 
 def test_ddp_on_two_cpu_processes_validates_the_model_it_saves(cached_sample, tmp_path, capsys):
-    from skinsense.evaluation import predict_probabilities
-
     cache, oversampled = cached_sample
     result = train_in_subprocess(cache, "resnet18", tiny(epochs=2, devices=2, accelerator="cpu"),
                                  out_dir=tmp_path / "run", class_weights=oversampled.class_weights,
@@ -274,6 +272,13 @@ def test_ddp_on_two_cpu_processes_validates_the_model_it_saves(cached_sample, tm
     # The model rank 0 saved, run alone over the whole validation part, must give the loss
     # and balanced accuracy the two ranks summed for its epoch: so both ranks held the same
     # weights and batch-norm statistics, and every validation image was counted once.
+    _assert_saved_model_scores_its_best_epoch(result, cache)
+
+
+def _assert_saved_model_scores_its_best_epoch(result, cache) -> None:
+    """The saved model folder, loaded afresh, gives the best epoch's validation figures."""
+    from skinsense.evaluation import predict_probabilities
+
     best = result.history[result.best_epoch - 1]
     probabilities = predict_probabilities(result.model_dir, cache.val, batch_size=16)
     labels = np.load(cache.val.labels_npy)
@@ -283,6 +288,26 @@ def test_ddp_on_two_cpu_processes_validates_the_model_it_saves(cached_sample, tm
     for truth, guess in zip(labels, probabilities.argmax(axis=1), strict=True):
         confusion[truth, guess] += 1
     assert balanced_accuracy(confusion) == pytest.approx(best["val_balanced_accuracy"])
+
+
+def test_a_compiled_training_saves_a_plain_model_with_its_best_weights(cached_sample, tmp_path):
+    cache, _ = cached_sample
+    # accelerator='cpu' asks for compile on the CPU (inductor; about a minute here).
+    result = fit(cache, "resnet18", tiny(epochs=1, compile=True, accelerator="cpu"),
+                 out_dir=tmp_path / "run")
+    # Loaded into an uncompiled network (no '_orig_mod.' keys), the weights score exactly
+    # what the compiled model scored in validation.
+    _assert_saved_model_scores_its_best_epoch(result, cache)
+
+
+def test_compile_is_skipped_with_a_message_when_auto_lands_on_the_cpu(cached_sample, tmp_path,
+                                                                       capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 'auto' compiles there")
+    cache, _ = cached_sample
+    result = fit(cache, "resnet18", tiny(epochs=1, compile=True), out_dir=tmp_path / "run")
+    assert "compile=True skipped: training runs on cpu" in capsys.readouterr().out
+    assert result.epochs_run == 1
 
 
 def test_a_training_child_sees_only_the_gpu_no_other_training_holds(cached_sample, tmp_path,
