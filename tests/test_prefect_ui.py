@@ -43,7 +43,7 @@ def prefect_ui(tmp_path, monkeypatch):
         stack.down(tmp_path)
 
 
-def test_quick_run_from_the_deployment_page_creates_a_flow_run(prefect_ui):
+def test_quick_run_from_the_deployment_page_creates_a_flow_run(prefect_ui, tmp_path):
     if not shutil.which(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -66,7 +66,15 @@ def test_quick_run_from_the_deployment_page_creates_a_flow_run(prefect_ui):
             page.wait_for_url(f"**/deployments/deployment/{deployment.id}**")
             page.get_by_role("button", name="Run", exact=True).click()  # not the sidebar's "Runs"
             page.get_by_text("Quick run", exact=True).click()
-            deadline = time.monotonic() + 30
+            try:
+                # The UI's own confirmation: "<run name> scheduled to start now".
+                page.get_by_text("scheduled to start").first.wait_for()
+            except sync_api.TimeoutError:
+                page.screenshot(path=tmp_path / "after-quick-run.png")
+                pytest.fail("no confirmation 60 s after Quick run; the page said:\n"
+                            + page.inner_text("body")[:2000])
+            # A loaded machine (the whole suite on two cores) can take a while to answer.
+            deadline = time.monotonic() + 60
             runs = []
             while not runs and time.monotonic() < deadline:
                 runs = client.read_flow_runs(flow_run_filter=manual_runs)
