@@ -296,7 +296,9 @@ def main() -> None:
                      f"(got rounds {args.rounds}, steps {args.steps}, warmup {args.warmup}, "
                      f"batch {args.batch})")
 
-    # The anchor's settings, so that both columns run under the same backend flags.
+    # The anchor's settings for the ceiling. The pipeline sets the same ones itself
+    # (`configure_backends` in `setup_training`, as `fit` does), so its column is what a
+    # real training runs with.
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -137,6 +137,11 @@ class TrainConfig(_Strict):
     channels_last: bool = Field(
         True, description="Model and batches in channels_last memory (faster convolutions on GPUs)."
     )
+    cudnn_benchmark: bool = Field(
+        True,
+        description="On CUDA, let cuDNN time its convolution algorithms for the (fixed) batch "
+        "shape and keep the fastest; off gives cuDNN's defaults (slower, more repeatable).",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the model. With accelerator 'auto' it is skipped (and said so) "

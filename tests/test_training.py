@@ -328,6 +328,18 @@ def test_a_training_child_sees_only_the_gpu_no_other_training_holds(cached_sampl
         pass
 
 
+def test_training_on_the_cpu_leaves_the_cuda_backend_flags_alone(cached_sample, tmp_path):
+    from skinsense.training.loop import configure_backends
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        configure_backends(tiny(), L.Fabric(accelerator="cpu", devices=1))
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_more_devices_than_gpus_is_refused_before_training(cached_sample, tmp_path):
     cache, _ = cached_sample
     gpus = torch.cuda.device_count()

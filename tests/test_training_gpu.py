@@ -10,7 +10,13 @@ from skinsense.config import TrainConfig
 from skinsense.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from skinsense.presets import make_preset
 from skinsense.training.batches import BatchedCacheLoader, to_device_ahead
-from skinsense.training.loop import fit, make_fabric, resolve_precision, train_one_epoch
+from skinsense.training.loop import (
+    configure_backends,
+    fit,
+    make_fabric,
+    resolve_precision,
+    train_one_epoch,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,6 +77,18 @@ def test_fit_on_the_gpu_uses_bf16_and_writes_a_model(cached_sample, tmp_path):
     result = fit(cache, "resnet18", cfg, out_dir=tmp_path / "run")
     assert result.epochs_run == 1 and any(result.model_dir.iterdir())
     assert result.history[0]["images_per_s"] > 0
+    # The backend flags the ceiling runs with were set by the training itself.
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+
+
+def test_backend_flags_follow_the_config_on_cuda():
+    exact = TrainConfig(archs=["resnet18"], pretrained=False, cudnn_benchmark=False,
+                        precision="32-true")
+    configure_backends(exact, make_fabric(exact))
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    default = TrainConfig(archs=["resnet18"], pretrained=False)
+    configure_backends(default, make_fabric(default))
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
 
 
 def test_batches_copied_ahead_on_a_side_stream_arrive_intact():

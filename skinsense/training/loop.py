@@ -203,6 +203,20 @@ def _cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def configure_backends(cfg: TrainConfig, fabric: L.Fabric) -> None:
+    """CUDA backend flags for training: what the model-bound ceiling runs with.
+
+    cuDNN autotuning (`cfg.cudnn_benchmark`) pays off because every training batch has the
+    same shape. Under mixed precision the few matmuls left in float32 may use TF32; with
+    precision '32-true' float32 stays exact.
+    """
+    if fabric.device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    mixed = resolve_precision(cfg, cuda=True).endswith("-mixed")
+    torch.backends.cuda.matmul.allow_tf32 = mixed
+
+
 def _maybe_compile(model: nn.Module, cfg: TrainConfig, fabric: L.Fabric) -> nn.Module:
     if not cfg.compile:
         return model
@@ -231,6 +245,7 @@ def setup_training(cache: ImageCache, arch: str, cfg: TrainConfig, fabric: L.Fab
         `(model, optimizer, scheduler, train_loader, val_loader, reseed, (train_preset,
         eval_preset))`; `reseed(epoch)` fixes the order of that epoch's batches.
     """
+    configure_backends(cfg, fabric)
     model = build_model(arch, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         image_size=cache.size)
     model = model.to(fabric.device)
