@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 import threading
@@ -23,6 +24,12 @@ def test_reservations_take_different_gpus_and_give_them_back(tmp_path):
                     pass
     with reserve_gpus(2, GPUS, lock_dir=tmp_path, timeout_s=0) as both:
         assert both == GPUS
+
+
+def test_the_lock_folder_it_creates_is_shared_by_all_users_like_tmp(tmp_path):
+    with reserve_gpus(1, GPUS, lock_dir=tmp_path / "locks"):
+        pass
+    assert stat.S_IMODE((tmp_path / "locks").stat().st_mode) == 0o1777
 
 
 def test_a_waiting_reservation_says_so_and_gets_the_gpu_when_it_is_freed(tmp_path):

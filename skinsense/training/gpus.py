@@ -16,7 +16,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -36,8 +36,18 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
+def _lock_dir(lock_dir: Path) -> Path:
+    if not lock_dir.is_dir():
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        # Shared like /tmp: every user's trainings on this machine use the same GPUs.
+        with suppress(OSError):
+            os.chmod(lock_dir, 0o1777)
+    return lock_dir
+
+
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    # Read-only is enough for flock, and works on a lock file another user created.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -61,7 +71,7 @@ def reserve_gpus(count: int, gpus: list[str], *, lock_dir: Path = DEFAULT_LOCK_D
     """
     if count > len(gpus):
         raise ValueError(f"{count} GPU(s) wanted, but only {len(gpus)} are visible: {gpus}")
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir = _lock_dir(lock_dir)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     told = False
     while True:
