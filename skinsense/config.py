@@ -157,6 +157,11 @@ class TrainConfig(_Strict):
     )
     progress: bool = Field(True, description="Show a progress bar per epoch (terminals only).")
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+
+    @property
+    def may_use_cuda(self) -> bool:
+        """The accelerator lets training run on CUDA GPUs (when the machine has them)."""
+        return self.accelerator in ("auto", "cuda", "gpu")
     parallel_archs: bool = Field(
         False,
         description="Train the architectures at the same time, each holding one slot of the "

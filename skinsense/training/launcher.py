@@ -22,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from skinsense.config import TrainConfig
 from skinsense.data.records import ImageCache
 from skinsense.training.gpus import DEFAULT_LOCK_DIR, reserve_gpus, visible_gpus
@@ -58,10 +56,10 @@ def check_devices(cfg: TrainConfig) -> None:
         return
     if cfg.accelerator == "cpu":
         return
-    if cfg.accelerator not in ("auto", "cuda", "gpu"):
+    if not cfg.may_use_cuda:
         raise ValueError(f"devices={cfg.devices} is not supported with accelerator="
                          f"'{cfg.accelerator}'; use CUDA GPUs, or devices=1")
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = len(visible_gpus())
     if available < cfg.devices:
         raise ValueError(
             f"devices={cfg.devices} needs {cfg.devices} CUDA GPUs, but this machine has "
@@ -123,7 +121,7 @@ def train_in_subprocess(
     spec_path.write_text(json.dumps(spec, indent=1))
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     command = worker_command(spec_path, cfg)
-    gpus = visible_gpus() if cfg.accelerator in ("auto", "cuda", "gpu") else []
+    gpus = visible_gpus() if cfg.may_use_cuda else []
     with (reserve_gpus(cfg.devices, gpus, lock_dir=gpu_lock_dir, on_wait=_say) if gpus
           else contextlib.nullcontext()) as held:
         if held:

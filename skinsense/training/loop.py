@@ -144,7 +144,7 @@ def resolve_precision(cfg: TrainConfig, *, cuda: bool) -> str:
 
 def make_fabric(cfg: TrainConfig) -> L.Fabric:
     """The Fabric for `cfg`: DDP when `devices > 1` (inside torchrun's processes only)."""
-    cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    cuda = cfg.may_use_cuda and torch.cuda.is_available()
     if cfg.devices > 1 and "LOCAL_RANK" not in os.environ:
         raise RuntimeError(
             f"devices={cfg.devices} needs one process per device: train with "
