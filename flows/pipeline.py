@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.local_server import temporary_server_settings
 from skinsense.config import PipelineConfig
 from skinsense.paths import Home
 from tasks import data, registry, reports, training
@@ -73,5 +74,7 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
 
 
 def run_pipeline(config: PipelineConfig, *, refresh_data: bool = False) -> dict:
-    """Entry point for the CLI: run the flow in this process."""
-    return skinsense_pipeline(config=config, refresh_data=refresh_data)
+    """Entry point for the CLI: run the flow in this process (on Prefect's temporary server
+    unless PREFECT_API_URL names one, given the time its first start needs)."""
+    with temporary_server_settings():
+        return skinsense_pipeline(config=config, refresh_data=refresh_data)
