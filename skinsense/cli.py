@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,11 +39,29 @@ def _data_config(args: argparse.Namespace):
     return DataConfig(**fields)
 
 
+def at_terminal() -> bool:
+    """True when a person runs the command at a terminal (not a scheduler, a pipe or CI)."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _fail_fast_offline(cfg) -> None:
+    """At a terminal, stop at once when Dataverse's host name does not resolve.
+
+    Scheduled and deployment runs keep the fetch's long retries, where an outage may pass;
+    a person offline should hear within seconds that a local copy is the way.
+    """
+    if cfg.source.strip().lower() == "dataverse" and at_terminal():
+        from skinsense.data.dataverse import check_host_resolves
+
+        check_host_resolves(cfg.dataverse_url)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from skinsense import stages
     from skinsense.paths import Home
 
     home = Home.default()
+    _fail_fast_offline(_data_config(args))
     fetched = stages.fetch_data(_data_config(args), home)
     validated = stages.validate_data(fetched, _data_config(args), home)
     print(f"metadata: {fetched.metadata_csv}\nimages:   {fetched.images_dir}")
@@ -68,7 +87,12 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from skinsense.config import PipelineConfig
 
-    cfg = {"data": {"source": args.data_source}, "train": {}, "serve": {"deploy": not args.no_deploy}}
+    # Only what was given on the command line overrides --config (and the defaults).
+    cfg: dict = {"data": {}, "train": {}, "serve": {}}
+    if args.data_source is not None:
+        cfg["data"]["source"] = args.data_source
+    if args.no_deploy:
+        cfg["serve"]["deploy"] = False
     if args.archs:
         cfg["train"]["archs"] = _csv_list(args.archs)
     for name in ("epochs", "image_size", "batch_size"):
@@ -82,11 +106,27 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg["serve"]["port"] = args.port
     if args.config:
         cfg = _deep_merge(json.loads(Path(args.config).read_text()), cfg)
+    if os.environ.get(APP_PORT_ENV) and "port" not in cfg.get("serve", {}):
+        cfg["serve"]["port"] = _env_port()
     config = PipelineConfig.model_validate(cfg)
+    _fail_fast_offline(config.data)
     flows = importlib.import_module("flows.pipeline")
     result = flows.run_pipeline(config, refresh_data=args.refresh_data)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+# The app's port when --port is not given (the stack passes it to its runner the same way).
+APP_PORT_ENV = "SKINSENSE_APP_PORT"
+
+
+def _env_port() -> int:
+    raw = os.environ[APP_PORT_ENV]
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{APP_PORT_ENV}={raw!r} is not a port number; set it to e.g. 7860 "
+                         f"or unset it") from None
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -224,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("pipeline", help="run the whole Prefect flow")
-    p.add_argument("--data-source", default="dataverse", help="'dataverse' or a local path")
+    p.add_argument("--data-source", help="'dataverse' (default) or a local folder/zip")
     p.add_argument("--archs", help="comma-separated, default efficientnet_b0,efficientnet_b3,maxvit_t")
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int, help="one input size for every architecture")

@@ -53,8 +53,9 @@ ISIC_TEST_FILES: tuple[str, ...] = (
 )
 
 LOCAL_SOURCE_HINT = (
-    "If you cannot reach Dataverse, download the files elsewhere and pass a local copy with "
-    "`--source PATH` (DataConfig.source): a folder or zip holding HAM10000_images_part_1.zip, "
+    "If you cannot reach Dataverse, download the files elsewhere and pass a local copy "
+    "(`skinsense pipeline --data-source PATH`, `skinsense fetch --source PATH`, "
+    "DataConfig.source): a folder or zip holding HAM10000_images_part_1.zip, "
     "HAM10000_images_part_2.zip and HAM10000_metadata.csv, or the Kaggle copy "
     "(kmader/skin-cancer-mnist-ham10000)."
 )
@@ -526,6 +527,48 @@ def _range_start(resp: requests.Response) -> int | None:
         return int(value.split()[1].split("-")[0])
     except (IndexError, ValueError):
         return None
+
+
+# How long a person waits for the name lookup before the fetch goes ahead as usual: a slow
+# resolver is not a missing one.
+_RESOLVE_TIMEOUT_S = 10.0
+
+
+def check_host_resolves(base_url: str, *, timeout_s: float = _RESOLVE_TIMEOUT_S) -> None:
+    """Fail at once when the Dataverse host name does not resolve at all (no network, no DNS).
+
+    For commands a person runs at a terminal: the client's retries (and the flow's) are
+    meant to outlast an outage of a scheduled run, and would keep a person waiting for
+    minutes before saying what to do. Where a proxy is configured for the URL the proxy
+    resolves the name, so nothing is checked; a lookup that takes longer than `timeout_s`
+    is left to the client too.
+
+    Raises:
+        FetchError: the host name does not resolve; the message suggests a local copy.
+    """
+    import concurrent.futures
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    host = parts.hostname
+    if not host:
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return  # the proxy looks the name up, not this machine
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    lookup = pool.submit(socket.getaddrinfo, host, parts.port or 443)
+    pool.shutdown(wait=False)
+    try:
+        lookup.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        return
+    except socket.gaierror as exc:
+        raise FetchError(
+            f"Cannot reach Dataverse at {base_url}: the host name {host!r} does not resolve "
+            f"({exc.strerror or exc}), so this machine has no network or no DNS. "
+            + LOCAL_SOURCE_HINT) from None
 
 
 def _short(exc: BaseException) -> str:
