@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
+DATAVERSE_URL_ENV = "SKINSENSE_DATAVERSE_URL"
 HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
 DEFAULT_ARCHS = ("efficientnet_b0", "efficientnet_b3", "maxvit_t")
 
@@ -35,9 +36,12 @@ class DataConfig(_Strict):
         description="'dataverse' to download from Harvard Dataverse, or a path to a folder or "
         "zip laid out like the Dataverse files or the Kaggle copy.",
     )
+    # A plain default, so the Prefect UI's form shows it; $SKINSENSE_DATAVERSE_URL replaces it
+    # when the field is not given (see `_dataverse_url_from_env`).
     dataverse_url: str = Field(
-        default_factory=lambda: os.environ.get("SKINSENSE_DATAVERSE_URL", DEFAULT_DATAVERSE_URL),
-        description="Base URL of the Dataverse installation (env SKINSENSE_DATAVERSE_URL).",
+        DEFAULT_DATAVERSE_URL,
+        description="Base URL of the Dataverse installation (when not given: "
+        "env SKINSENSE_DATAVERSE_URL, else this).",
     )
     doi: str = Field(HAM10000_DOI, description="Persistent id of the HAM10000 dataset.")
     include_isic_test: bool = Field(
@@ -80,6 +84,15 @@ class DataConfig(_Strict):
         False, description="Re-verify downloads (MD5) and extract the images again."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dataverse_url_from_env(cls, data: object) -> object:
+        if isinstance(data, dict) and "dataverse_url" not in data:
+            url = os.environ.get(DATAVERSE_URL_ENV)
+            if url:
+                return {**data, "dataverse_url": url}
+        return data
+
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.8:
@@ -92,8 +105,10 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """How each architecture is fine-tuned."""
 
+    # A plain default (pydantic copies it for each instance): the Prefect UI's form shows
+    # only defaults written into the schema, and a default_factory is not.
     archs: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_ARCHS),
+        list(DEFAULT_ARCHS),
         min_length=1,
         description="torchvision architectures to train, e.g. efficientnet_b0, maxvit_t.",
     )
