@@ -315,6 +315,15 @@ def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached
     np.testing.assert_allclose(saved, predict_probabilities(calibrated, cached_part), atol=1e-6)
     assert "referral" not in " ".join(plain.metrics)  # no threshold, no referral figures
 
+    from skinsense.reports import subgroups_markdown
+
+    page = subgroups_markdown("resnet18", result)  # the Prefect artifact of the best model
+    assert page.startswith("# Subgroup audit: resnet18") and "Temperature 0.050" in page
+    assert "p(mel) + p(bcc) + p(akiec) >= 0.3000" in page and "| sex | male |" in page
+    assert "not a clinical validation" in page
+    bare = subgroups_markdown("resnet18", plain)
+    assert "No referral rule" in bare and "No subgroup table" in bare
+
 
 @pytest.mark.slow
 def test_calibrating_a_trained_model(cached_sample, tmp_path):
