@@ -279,6 +279,7 @@ def copy_with_card(model_dir, out, **card_fields):
     return out
 
 
+@pytest.mark.slow
 def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached_part, tmp_path):
     calibrated = copy_with_card(model_dir, tmp_path / "calibrated", temperature=0.05,
                                 referral_threshold=0.3, referral_sensitivity_target=0.95)

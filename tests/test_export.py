@@ -108,6 +108,7 @@ def test_stale_onnx_is_not_served_and_fails_the_check(exported, tmp_path):
         check_onnx_agrees(stale)
 
 
+@pytest.mark.slow
 def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
     """PyTorch, ONNX Runtime and the MLflow pyfunc give the same calibrated probabilities."""
     import shutil

@@ -230,6 +230,7 @@ def test_cli_registry_show_promote_rollback(tmp_path, store, capsys):
     assert "no earlier champion" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
         tmp_path, store, capsys, monkeypatch):
     from skinsense.cli import main
