@@ -83,8 +83,10 @@ HEADLINE_METRICS: tuple[str, ...] = (
 ECE_BINS = 15  # the usual choice since Guo et al. 2017, so numbers compare with the literature
 MELANOMA = "mel"
 # Columns a comparison table shows first, in this order; other keys follow alphabetically.
+# The referral rule at the same validation sensitivity target: what a clinician compares.
+REFERRAL_COMPARED: tuple[str, ...] = ("referral_sensitivity", "referral_specificity")
 COMPARISON_COLUMNS: tuple[str, ...] = (
-    "arch", *HEADLINE_METRICS, "parameters", "weights_mb", "cpu_latency_ms",
+    "arch", *HEADLINE_METRICS, *REFERRAL_COMPARED, "parameters", "weights_mb", "cpu_latency_ms",
     "gpu_images_per_s",
 )
 
@@ -352,8 +354,9 @@ def measure_efficiency(model_dir: Path, *, repeats: int = 20, warmup: int = 3) -
 # -- comparison across architectures -----------------------------------------------------------
 
 def comparison_row(result: EvalResult) -> dict[str, Any]:
-    """One row of the comparison table from an evaluation: arch, headline metrics, efficiency."""
-    headline = {k: result.metrics[k] for k in HEADLINE_METRICS if k in result.metrics}
+    """One row of the comparison table: arch, headline and referral metrics, efficiency."""
+    headline = {k: result.metrics[k] for k in (*HEADLINE_METRICS, *REFERRAL_COMPARED)
+                if k in result.metrics}
     return {"arch": result.arch, **headline, **result.efficiency}
 
 

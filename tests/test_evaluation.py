@@ -315,6 +315,9 @@ def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached
     saved = np.load(tmp_path / "eval" / "test_probabilities.npy")
     np.testing.assert_allclose(saved, predict_probabilities(calibrated, cached_part), atol=1e-6)
     assert "referral" not in " ".join(plain.metrics)  # no threshold, no referral figures
+    from skinsense.evaluation import comparison_row
+
+    assert comparison_row(result)["referral_specificity"] == metrics["referral_specificity"]
 
     from skinsense.reports import subgroups_markdown
 
