@@ -55,6 +55,7 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
         training.compare(candidates, parent_run_id, home)
         reports.report_metrics(candidates, home)
         best = training.select_best(candidates, config.eval.metric)
+        reports.report_subgroups(best)
         decision = registry.register_and_promote(best, caches, config, home, test_key,
                                                  parent_run_id)
     except BaseException:

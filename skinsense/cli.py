@@ -185,9 +185,11 @@ def _print_versions(name: str, rows: list[dict]) -> None:
     for column in ("version", "aliases", "arch", "test metrics", "data", "created",
                    "decision"):
         table.add_column(column, overflow="fold")
+    # Calibration, referral and subgroup figures have a table of their own below.
+    own_table = ("test_referral", "test_gap_", "test_ece", "test_nll")
     for row in rows:
         metrics = " ".join(f"{k.removeprefix('test_')}={_short_number(v)}"
-                           for k, v in row["metrics"].items())
+                           for k, v in row["metrics"].items() if not k.startswith(own_table))
         decision = row["promotion_decision"] or ""
         if row["previous_champion"]:
             decision += f" (replaced v{row['previous_champion']})"
@@ -195,7 +197,51 @@ def _print_versions(name: str, rows: list[dict]) -> None:
             decision += f"; {row['rollback']}"
         table.add_row(row["version"], ", ".join(row["aliases"]), row["arch"] or "", metrics,
                       (row["dataset_fingerprint"] or "")[:12], row["created"] or "", decision)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    calibrated = [row for row in rows if row.get("temperature") is not None]
+    if not calibrated:
+        return
+    figures = Table(title=f"{name}: calibration, referral rule (test part, 95% CI over "
+                          f"lesions) and largest subgroup gaps")
+    for column in ("version", "calibration", "referral", "largest subgroup gaps"):
+        figures.add_column(column, overflow="fold")
+    for row in calibrated:
+        figures.add_row(row["version"], _calibration_cell(row), _referral_cell(row),
+                        _gaps_cell(row["metrics"]))
+    console.print(figures)
+
+
+def _calibration_cell(row: dict) -> str:
+    if row.get("temperature") is None:
+        return "none"
+    metrics = row["metrics"]
+    text = f"T={_short_number(row['temperature'])}"
+    if "test_ece" in metrics:
+        text += (f" ECE {_short_number(metrics.get('test_ece_uncalibrated', '?'))}"
+                 f"->{_short_number(metrics['test_ece'])}")
+    if "test_nll" in metrics:
+        text += (f" NLL {_short_number(metrics.get('test_nll_uncalibrated', '?'))}"
+                 f"->{_short_number(metrics['test_nll'])}")
+    return text
+
+
+def _referral_cell(row: dict) -> str:
+    if row.get("referral_threshold") is None:
+        return "no rule"
+    metrics = row["metrics"]
+    text = (f"score>={_short_number(row['referral_threshold'])} (chosen for "
+            f"{_short_number(row['referral_sensitivity_target'])} val. sensitivity)")
+    for name in ("sensitivity", "specificity"):
+        if f"test_referral_{name}" in metrics:
+            text += (f" {name} {_short_number(metrics[f'test_referral_{name}'])} "
+                     f"{metrics.get(f'test_referral_{name}_ci', '')}").rstrip()
+    return text
+
+
+def _gaps_cell(metrics: dict) -> str:
+    return " ".join(f"{k.removeprefix('test_gap_')}={_short_number(v)}"
+                    for k, v in metrics.items() if k.startswith("test_gap_"))
 
 
 def _short_number(text: str) -> str:

@@ -13,6 +13,14 @@ Metric conventions (the classes of `skinsense.labels.CLASS_CODES`, indices 0..6)
 - Melanoma sensitivity/specificity treat 'mel' against all other classes at the argmax
   decision; each is NaN when its denominator is empty (no melanoma, or only melanoma).
 - ECE is torchmetrics' multiclass calibration error of the top-1 confidence, 15 bins, L1.
+- Probabilities are calibrated: the logits are divided by the model card's temperature
+  (fitted on the validation part by `calibrate_model_dir`) before the softmax, exactly as
+  every predictor does. `ece_uncalibrated` and `nll_uncalibrated` are the plain softmax's;
+  the argmax metrics (`ARGMAX_METRICS`) are the same either way, and checked to be.
+- The referral rule (`skinsense.referral`) is reported as `referral_sensitivity` and
+  `referral_specificity` with 95% intervals from a bootstrap over lesions
+  (`skinsense.bootstrap`), `referral_rate` and `referral_roc_auc`; the subgroup audit adds
+  `gap_<metric>_<attribute>` (`skinsense.subgroups`).
 
 `classification_metrics` returns flat `dict[str, float]` whose keys are MLflow metric names:
 the headline scalars (`HEADLINE_METRICS`) plus `precision_<code>`, `recall_<code>`,
@@ -22,6 +30,7 @@ the headline scalars (`HEADLINE_METRICS`) plus `precision_<code>`, `recall_<code
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
@@ -45,10 +54,27 @@ from sklearn.metrics import (
 )
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from skinsense.bootstrap import LesionBootstrap, percentile_interval
+from skinsense.calibration import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    calibrated_probabilities,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_bins,
+)
 from skinsense.data.records import CachedSplit
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
-from skinsense.packaging import WEIGHTS_FILE, load_card, load_model_dir
+from skinsense.packaging import WEIGHTS_FILE, load_card, load_model_dir, save_card
 from skinsense.presets import make_preset
+from skinsense.referral import (
+    choose_referral_threshold,
+    describe_rule,
+    is_malignant,
+    referral_scores,
+)
+
+log = logging.getLogger(__name__)
 
 HEADLINE_METRICS: tuple[str, ...] = (
     "balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc",
@@ -57,8 +83,10 @@ HEADLINE_METRICS: tuple[str, ...] = (
 ECE_BINS = 15  # the usual choice since Guo et al. 2017, so numbers compare with the literature
 MELANOMA = "mel"
 # Columns a comparison table shows first, in this order; other keys follow alphabetically.
+# The referral rule at the same validation sensitivity target: what a clinician compares.
+REFERRAL_COMPARED: tuple[str, ...] = ("referral_sensitivity", "referral_specificity")
 COMPARISON_COLUMNS: tuple[str, ...] = (
-    "arch", *HEADLINE_METRICS, "parameters", "weights_mb", "cpu_latency_ms",
+    "arch", *HEADLINE_METRICS, *REFERRAL_COMPARED, "parameters", "weights_mb", "cpu_latency_ms",
     "gpu_images_per_s",
 )
 
@@ -74,6 +102,10 @@ class EvalResult(BaseModel):
     artifacts: list[Path] = Field(default_factory=list)  # every file written into out_dir
     efficiency: dict[str, float] = Field(default_factory=dict)  # `measure_efficiency`, if asked
     tta: bool = False
+    temperature: float = 1.0                  # the card's, applied to every probability above
+    referral: dict[str, Any] = Field(default_factory=dict)  # `referral_report` (None for NaN)
+    subgroup_files: list[Path] = Field(default_factory=list)  # subgroup_metrics.csv and .md
+    subgroup_gaps: dict[str, Any] = Field(default_factory=dict)  # `skinsense.subgroups.gaps`
 
 
 # -- prediction ---------------------------------------------------------------------------------
@@ -84,18 +116,20 @@ def _flip_views(batch: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def predict_probabilities(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
-                          tta: bool = False) -> np.ndarray:
-    """Class probabilities of the model folder on a cached part, on the GPU if there is one.
+def predict_logits(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
+                   tta: bool = False) -> np.ndarray:
+    """Logits of the model folder on a cached part, on the GPU if there is one.
 
     Args:
         model_dir: a model folder (see `skinsense.packaging`).
         split: a cached part at the model's input size.
         batch_size: images per forward pass.
-        tta: average the softmax over the image, its horizontal and its vertical flip.
+        tta: average the logits over the image, its horizontal and its vertical flip.
+            Logits rather than probabilities are averaged so that temperature scaling, which
+            divides them, keeps the predicted class of the averaged prediction too.
 
     Returns:
-        float32 array (N, 7), rows summing to 1, columns in `CLASS_CODES` order.
+        float32 array (N, 7), columns in `CLASS_CODES` order.
 
     Raises:
         ValueError: the cache was built at another size than the model takes.
@@ -116,11 +150,33 @@ def predict_probabilities(model_dir: Path, split: CachedSplit, *, batch_size: in
         batch = torch.from_numpy(np.array(images[start:start + batch_size]))
         batch = batch.permute(0, 3, 1, 2).to(device)
         views = _flip_views(batch) if tta else [batch]
-        probs = torch.stack([torch.softmax(model(preset(v)).float(), dim=1) for v in views])
-        out.append(probs.mean(dim=0).cpu())
+        logits = torch.stack([model(preset(v)).float() for v in views])
+        out.append(logits.mean(dim=0).cpu())
     if not out:
         return np.zeros((0, len(CLASS_CODES)), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+
+def predict_probabilities(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
+                          tta: bool = False, temperature: float | None = None) -> np.ndarray:
+    """Calibrated class probabilities of the model folder on a cached part.
+
+    Args:
+        model_dir: a model folder (see `skinsense.packaging`).
+        split: a cached part at the model's input size.
+        batch_size: images per forward pass.
+        tta: average the logits over flips first (see `predict_logits`).
+        temperature: divide the logits by this; None uses the card's (what serving does).
+
+    Returns:
+        float32 array (N, 7), rows summing to 1, columns in `CLASS_CODES` order.
+    """
+    if temperature is None:
+        temperature = load_card(model_dir).temperature
+    logits = predict_logits(model_dir, split, batch_size=batch_size, tta=tta)
+    if len(logits) == 0:
+        return logits
+    return calibrated_probabilities(logits, temperature)
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -155,6 +211,14 @@ def _check_inputs(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.nda
     return y_true, probabilities
 
 
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """ECE of the top-1 confidence: torchmetrics' multiclass calibration error, 15 bins, L1."""
+    y_true, probabilities = _check_inputs(y_true, probabilities)
+    return float(multiclass_calibration_error(
+        torch.from_numpy(probabilities), torch.from_numpy(y_true), num_classes=len(CLASS_CODES),
+        n_bins=ECE_BINS, norm="l1"))
+
+
 def evaluation_report(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     """Every metric of a prediction, as a JSON-friendly dict (NaN where undefined).
 
@@ -180,9 +244,7 @@ def evaluation_report(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
     aucs = _per_class_roc_auc(y_true, probabilities)
-    ece = multiclass_calibration_error(
-        torch.from_numpy(probabilities), torch.from_numpy(y_true), num_classes=len(CLASS_CODES),
-        n_bins=ECE_BINS, norm="l1")
+    ece = expected_calibration_error(y_true, probabilities)
     metrics = {
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -192,7 +254,7 @@ def evaluation_report(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str
                                               zero_division=np.nan)),
         "mel_specificity": float(recall_score(is_mel, pred_mel, pos_label=0,
                                               zero_division=np.nan)),
-        "ece": float(ece),
+        "ece": ece,
     }
     per_class: dict[str, dict[str, float]] = {}
     for k, code in enumerate(CLASS_CODES):
@@ -292,8 +354,9 @@ def measure_efficiency(model_dir: Path, *, repeats: int = 20, warmup: int = 3) -
 # -- comparison across architectures -----------------------------------------------------------
 
 def comparison_row(result: EvalResult) -> dict[str, Any]:
-    """One row of the comparison table from an evaluation: arch, headline metrics, efficiency."""
-    headline = {k: result.metrics[k] for k in HEADLINE_METRICS if k in result.metrics}
+    """One row of the comparison table: arch, headline and referral metrics, efficiency."""
+    headline = {k: result.metrics[k] for k in (*HEADLINE_METRICS, *REFERRAL_COMPARED)
+                if k in result.metrics}
     return {"arch": result.arch, **headline, **result.efficiency}
 
 
@@ -385,24 +448,221 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+# Metrics of the predicted class alone: temperature scaling must leave them exactly as they were.
+ARGMAX_METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def referral_report(y_true: np.ndarray, probabilities: np.ndarray, threshold: float, *,
+                    lesion_ids: np.ndarray | None = None, n_resamples: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """The referral rule (`score >= threshold`) on a part, with lesion-bootstrap intervals.
+
+    Args:
+        y_true: (N,) class indices.
+        probabilities: (N, 7) calibrated probabilities.
+        threshold: the card's referral threshold.
+        lesion_ids: (N,) the lesion of each image; None treats every image as its own lesion
+            (the report then says `resampled_by: image`).
+        n_resamples: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        `threshold`, `sensitivity` and `specificity` each with `_ci_low`/`_ci_high` (NaN
+        when the part has no malignant, or no benign, image), `referral_rate` (share of
+        images referred), `roc_auc` of the referral score (malignant vs benign; NaN when
+        one side is missing), `n_malignant`, `n_benign`, `n_lesions`, `bootstrap_resamples`
+        and `resampled_by`.
+    """
+    y_true, probabilities = _check_inputs(y_true, probabilities)
+    scores = referral_scores(probabilities)
+    malignant, referred = is_malignant(y_true), scores >= threshold
+    lesions = (np.asarray(lesion_ids).astype(str) if lesion_ids is not None
+               else np.arange(len(y_true)).astype(str))
+    resamples = LesionBootstrap(lesions, n_resamples, seed)
+    report: dict[str, Any] = {"threshold": float(threshold)}
+    for name, positives, hits in (("sensitivity", malignant, referred),
+                                  ("specificity", ~malignant, ~referred)):
+        if positives.any():
+            low, high = percentile_interval(resamples.recall(hits, positives))
+            value = float(recall_score(positives, hits & positives))
+        else:
+            value = low = high = math.nan
+        report |= {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+    both = malignant.any() and not malignant.all()
+    report |= {
+        "referral_rate": float(referred.mean()),
+        "roc_auc": float(roc_auc_score(malignant, scores)) if both else math.nan,
+        "n_malignant": int(malignant.sum()), "n_benign": int((~malignant).sum()),
+        "n_lesions": len(np.unique(lesions)), "bootstrap_resamples": n_resamples,
+        "resampled_by": "lesion" if lesion_ids is not None else "image",
+    }
+    return report
+
+
+def referral_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of a `referral_report`: `referral_sensitivity` (and `_ci_low`,
+    `_ci_high`), the same for specificity, `referral_rate` and `referral_roc_auc`."""
+    keys = ("sensitivity", "sensitivity_ci_low", "sensitivity_ci_high", "specificity",
+            "specificity_ci_low", "specificity_ci_high", "referral_rate", "roc_auc")
+    return {f"referral_{key.removeprefix('referral_')}": float(report[key]) for key in keys}
+
+
+class Calibration(BaseModel):
+    """What calibrating a model folder on the validation part found (also written to its card)."""
+
+    temperature: float
+    n_images: int
+    nll_uncalibrated: float
+    nll: float
+    ece_uncalibrated: float
+    ece: float
+    referral_sensitivity_target: float
+    referral_threshold: float | None
+    # The rule on the validation part it was chosen on (None when there is no rule).
+    referral_sensitivity: float | None = None
+    referral_specificity: float | None = None
+    note: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: `temperature`, `referral_threshold` and the `val_*` figures."""
+        values = {"temperature": self.temperature, "referral_threshold": self.referral_threshold,
+                  "val_nll_uncalibrated": self.nll_uncalibrated, "val_nll": self.nll,
+                  "val_ece_uncalibrated": self.ece_uncalibrated, "val_ece": self.ece,
+                  "val_referral_sensitivity": self.referral_sensitivity,
+                  "val_referral_specificity": self.referral_specificity}
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sensitivity: float,
+                        batch_size: int = 64) -> Calibration:
+    """Fit the temperature and choose the referral threshold on the validation part.
+
+    The temperature minimizes the validation NLL of the logits as the app computes them (one
+    view, no test-time augmentation). The referral threshold is the highest at which at least
+    `referral_sensitivity` of the malignant validation images are referred, on calibrated
+    probabilities. Both go into the folder's card (`temperature`, `referral_threshold`,
+    `referral_sensitivity_target`), which every predictor path then follows.
+
+    Args:
+        model_dir: a model folder (see `skinsense.packaging`).
+        val_split: the cached validation part at the model's input size.
+        referral_sensitivity: the sensitivity target (`EvalConfig.referral_sensitivity`).
+        batch_size: images per forward pass.
+
+    Returns:
+        The temperature, the threshold and the validation figures before and after.
+
+    Raises:
+        ValueError: the validation part is empty, or the logits are not finite.
+    """
+    logits = predict_logits(model_dir, val_split, batch_size=batch_size)
+    y_val = np.load(val_split.labels_npy)
+    if len(y_val) == 0:
+        raise ValueError(f"the validation part {val_split.images_npy} holds no image; the "
+                         f"temperature and the referral threshold are fitted on it")
+    temperature = fit_temperature(logits, y_val)
+    if not MIN_TEMPERATURE * 1.01 < temperature < MAX_TEMPERATURE / 1.01:
+        log.warning("%s: the fitted temperature %.3g is at the end of its range: the logits "
+                    "carry almost no information about the labels (an untrained model?)",
+                    model_dir, temperature)
+    before = calibrated_probabilities(logits, 1.0)
+    probabilities = calibrated_probabilities(logits, temperature)
+    scores = referral_scores(probabilities)
+    threshold, note, sensitivity, specificity = None, "", None, None
+    try:
+        threshold = choose_referral_threshold(y_val, scores, referral_sensitivity)
+    except ValueError as exc:
+        note = str(exc)
+        log.warning("%s: no referral rule: %s", model_dir, exc)
+    if threshold is not None:
+        malignant, referred = is_malignant(y_val), scores >= threshold
+        sensitivity = float(recall_score(malignant, referred))
+        specificity = (float(recall_score(~malignant, ~referred)) if (~malignant).any()
+                       else None)
+    card = load_card(model_dir)
+    card.temperature = temperature
+    card.referral_threshold = threshold
+    card.referral_sensitivity_target = referral_sensitivity
+    card.referral_rule = describe_rule(threshold, referral_sensitivity)
+    save_card(card, model_dir)
+    return Calibration(
+        temperature=temperature, n_images=len(y_val),
+        nll_uncalibrated=negative_log_likelihood(logits, y_val),
+        nll=negative_log_likelihood(logits, y_val, temperature),
+        ece_uncalibrated=expected_calibration_error(y_val, before),
+        ece=expected_calibration_error(y_val, probabilities),
+        referral_sensitivity_target=referral_sensitivity, referral_threshold=threshold,
+        referral_sensitivity=sensitivity, referral_specificity=specificity, note=note)
+
+
+def _check_argmax_metrics(before: dict[str, float], after: dict[str, float], where: Path) -> bool:
+    changed = {k: (before[k], after[k]) for k in ARGMAX_METRICS if before[k] != after[k]}
+    if changed:
+        # Dividing logits by a positive number keeps every argmax; only a tie of two
+        # probabilities rounded to float32 could move one. Worth a loud note, not a crash.
+        log.warning("%s: temperature scaling changed argmax metrics %s (before, after); "
+                    "only float32 ties should ever do that", where, changed)
+    return not changed
+
+
+def _draw_calibration_and_referral(out_dir: Path, arch: str, y_true: np.ndarray,
+                                   uncalibrated: np.ndarray, probabilities: np.ndarray,
+                                   metrics: dict[str, float], temperature: float,
+                                   referral: dict[str, Any]) -> list[Path]:
+    from sklearn.metrics import roc_curve
+
+    from skinsense import plots
+
+    paths = [plots.plot_reliability_diagram(
+        [("uncalibrated", reliability_bins(uncalibrated, y_true, ECE_BINS),
+          metrics["ece_uncalibrated"]),
+         (f"temperature {temperature:.2f}", reliability_bins(probabilities, y_true, ECE_BINS),
+          metrics["ece"])],
+        out_dir / "reliability_diagram.png", title=f"{arch}: reliability (test part)")]
+    if referral and not math.isnan(referral["roc_auc"]):
+        fpr, tpr, _ = roc_curve(is_malignant(y_true), referral_scores(probabilities))
+        paths.append(plots.plot_referral_roc(
+            fpr, tpr, out_dir / "referral_roc.png", roc_auc=referral["roc_auc"],
+            sensitivity=referral["sensitivity"], specificity=referral["specificity"],
+            threshold=referral["threshold"], title=f"{arch}: referral score (test part)"))
+    return paths
+
+
 def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, batch_size: int = 64,
                        tta: bool = False, history: list[dict[str, float]] | None = None,
-                       efficiency: bool = False) -> EvalResult:
+                       efficiency: bool = False, manifest: pd.DataFrame | None = None,
+                       subgroups: bool = True, bootstrap_resamples: int = 1000,
+                       bootstrap_seed: int = 0, subgroup_min_images: int = 30) -> EvalResult:
     """Evaluate a model folder on a cached part and write every detail into `out_dir`.
 
+    Probabilities are calibrated with the card's temperature (as served); the report also
+    gives ECE and NLL of the plain softmax (`ece_uncalibrated`, `nll_uncalibrated`). When the
+    card has a referral threshold, the rule's sensitivity and specificity are reported with
+    95% bootstrap intervals over lesions (`referral_*`). With the part's `manifest` the
+    subgroup audit runs too (`skinsense.subgroups`; `gap_<metric>_<attribute>` metrics).
+
     Writes `evaluation.json` (metrics, per-class scores, confusion matrices, scikit-learn's
-    classification report, efficiency when measured), `classification_report.txt`,
-    `confusion_matrix.png`, `test_probabilities.npy` and, when `history` is given,
-    `training_curves.png`.
+    classification report, calibration, referral, efficiency when measured),
+    `classification_report.txt`, `confusion_matrix.png`, `reliability_diagram.png`,
+    `referral_roc.png` (when there is a rule and both malignant and benign images),
+    `test_probabilities.npy` (calibrated), `training_curves.png` when `history` is given, and
+    `subgroups/subgroup_metrics.csv` and `.md` with the audit.
 
     Args:
         model_dir: a model folder (see `skinsense.packaging`).
         split: the cached part to evaluate on, at the model's input size.
         out_dir: where the files go (created).
         batch_size: images per forward pass.
-        tta: flip test-time augmentation (see `predict_probabilities`).
+        tta: flip test-time augmentation (see `predict_logits`).
         history: per-epoch dicts of the training (`TrainResult.history`) to plot.
         efficiency: also run `measure_efficiency` (a few seconds on a CPU).
+        manifest: the part's metadata rows in cache order (`read_cached_manifest`); gives
+            the lesion of each image to the bootstrap, and the groups to the audit. Without
+            it each image counts as its own lesion and there is no audit.
+        subgroups: run the subgroup audit when a manifest is given.
+        bootstrap_resamples: resamples behind every interval.
+        bootstrap_seed: seed of the bootstrap.
+        subgroup_min_images: smallest count a subgroup figure is given for.
 
     Returns:
         The flat metrics, the report's path and every file written.
@@ -410,17 +670,51 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     from skinsense import plots  # matplotlib only where figures are drawn
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    probabilities = predict_probabilities(model_dir, split, batch_size=batch_size, tta=tta)
-    y_true = np.load(split.labels_npy)
-    report = evaluation_report(y_true, probabilities)
     card = load_card(model_dir)
+    logits = predict_logits(model_dir, split, batch_size=batch_size, tta=tta)
+    y_true = np.load(split.labels_npy)
+    uncalibrated = calibrated_probabilities(logits, 1.0)
+    probabilities = calibrated_probabilities(logits, card.temperature)
+    report = evaluation_report(y_true, probabilities)
+    before = evaluation_report(y_true, uncalibrated)["metrics"]
+    argmax_unchanged = _check_argmax_metrics(before, report["metrics"], model_dir)
+    metrics = report["metrics"] | {
+        "ece_uncalibrated": before["ece"],
+        "nll": negative_log_likelihood(logits, y_true, card.temperature),
+        "nll_uncalibrated": negative_log_likelihood(logits, y_true)}
+    lesion_ids = None if manifest is None else manifest["lesion_id"].astype(str).to_numpy()
+    referral: dict[str, Any] = {}
+    if card.referral_threshold is not None:
+        referral = referral_report(y_true, probabilities, card.referral_threshold,
+                                   lesion_ids=lesion_ids, n_resamples=bootstrap_resamples,
+                                   seed=bootstrap_seed)
+        metrics |= referral_metrics(referral)
     measured = measure_efficiency(model_dir) if efficiency else {}
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    subgroup_files: list[Path] = []
+    subgroup_gaps: dict[str, Any] = {}
+    if manifest is not None and subgroups:
+        from skinsense import subgroups as audit
+
+        referred = (referral_scores(probabilities) >= card.referral_threshold
+                    if card.referral_threshold is not None else None)
+        table = audit.subgroup_metrics(manifest, y_true, probabilities.argmax(axis=1), referred,
+                                       min_images=subgroup_min_images,
+                                       n_resamples=bootstrap_resamples, seed=bootstrap_seed)
+        subgroup_files = list(audit.write(table, out_dir / "subgroups",
+                                          min_images=subgroup_min_images))
+        subgroup_gaps = audit.gaps(table)
+        metrics |= audit.gap_metrics(table)
+
     report_json = out_dir / "evaluation.json"
     report_json.write_text(json.dumps(_json_safe(
-        {"arch": card.arch, "n_images": len(y_true), "tta": tta, **report,
-         "efficiency": measured}), indent=2, allow_nan=False))
+        {"arch": card.arch, "n_images": len(y_true), "tta": tta, **report, "metrics": metrics,
+         "calibration": {"temperature": card.temperature, "ece_uncalibrated": before["ece"],
+                         "ece": metrics["ece"], "nll_uncalibrated": metrics["nll_uncalibrated"],
+                         "nll": metrics["nll"], "argmax_metrics_unchanged": argmax_unchanged},
+         "referral": referral, "subgroup_gaps": subgroup_gaps, "efficiency": measured}),
+        indent=2, allow_nan=False))
     report_txt = out_dir / "classification_report.txt"
     report_txt.write_text(classification_report(
         y_true, probabilities.argmax(axis=1), labels=list(range(len(CLASS_CODES))),
@@ -430,10 +724,15 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     artifacts = [report_json, report_txt, probabilities_npy,
                  plots.plot_confusion_matrix(np.asarray(report["confusion_matrix"]),
                                              out_dir / "confusion_matrix.png",
-                                             title=f"{card.arch}: confusion matrix")]
+                                             title=f"{card.arch}: confusion matrix"),
+                 *_draw_calibration_and_referral(out_dir, card.arch, y_true, uncalibrated,
+                                                 probabilities, metrics, card.temperature,
+                                                 referral)]
     if history:
         artifacts.append(plots.plot_training_curves(history, out_dir / "training_curves.png",
                                                     title=f"{card.arch}: training"))
-    return EvalResult(arch=card.arch, model_dir=model_dir, metrics=report["metrics"],
+    return EvalResult(arch=card.arch, model_dir=model_dir, metrics=metrics,
                       report_json=report_json, n_images=len(y_true), artifacts=artifacts,
-                      efficiency=measured, tta=tta)
+                      efficiency=measured, tta=tta, temperature=card.temperature,
+                      referral=_json_safe(referral), subgroup_files=subgroup_files,
+                      subgroup_gaps=subgroup_gaps)

@@ -3,8 +3,9 @@
 `export_onnx` writes `model.onnx` next to `weights.safetensors` and `model_card.json`. The
 graph takes what the evaluation preset produces (float32, NCHW, normalized with the card's
 mean and std, side `card.image_size`) with a dynamic batch axis, and returns raw logits
-(N, 7) in the card's class order; the predictor applies the softmax, exactly as it does for
-the PyTorch model. The file is self-contained (no external data file) and records the
+(N, 7) in the card's class order; the predictor divides them by the card's temperature and
+applies the softmax, exactly as it does for the PyTorch model (so a recalibrated card needs
+no new export). The file is self-contained (no external data file) and records the
 SHA-256 of the weights it was exported from, so a stale export is never served.
 
 It uses PyTorch's torch.export-based exporter (`dynamo=True`, which needs onnxscript): the

@@ -2,17 +2,20 @@
 
 A model folder holds `weights.safetensors` (a plain state dict: loading it can never run
 code) and `model_card.json` (architecture, class codes in order, input size, normalization,
-metrics, dataset fingerprint, the resolved config). The app rebuilds itself from that alone.
+metrics, dataset fingerprint, the resolved config, and from the evaluation stage the
+calibration temperature, the referral rule with its test figures and the subgroup audit's
+gaps). The app rebuilds itself from that alone.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,6 +42,32 @@ class ModelCard(BaseModel):
     trained_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     config: dict[str, Any] = Field(default_factory=dict)
     skinsense_version: str = __version__
+    # Set by the evaluation stage. A card written before calibration existed loads with
+    # these defaults: temperature 1 (the plain softmax) and no referral rule.
+    temperature: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Logits are divided by this before the softmax "
+        "(skinsense.calibration); fitted on the validation part.")
+    referral_threshold: float | None = Field(
+        None, description="Refer when calibrated p(mel) + p(bcc) + p(akiec) >= this "
+        "(skinsense.referral); None: no referral rule.")
+    referral_sensitivity_target: float | None = Field(
+        None, description="The validation sensitivity the threshold was chosen for.")
+    referral_rule: str = Field(
+        "", description="The referral rule in words, its test figures and what it is not.")
+    test_referral: dict[str, Any] = Field(
+        default_factory=dict, description="The rule on the test part: sensitivity, "
+        "specificity (with 95% lesion-bootstrap intervals), counts, referral rate, ROC AUC.")
+    subgroups: dict[str, Any] = Field(
+        default_factory=dict, description="The subgroup audit: largest gap per metric and "
+        "attribute (skinsense.subgroups), and how it was computed.")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _undefined_metrics_are_nan(cls, metrics: Any) -> Any:
+        # Undefined metrics are NaN; JSON writes them as null, which must read back as NaN.
+        if isinstance(metrics, dict):
+            return {k: math.nan if v is None else v for k, v in metrics.items()}
+        return metrics
 
 
 def save_model_dir(model: nn.Module, card: ModelCard, out_dir: Path) -> Path:

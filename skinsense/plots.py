@@ -172,3 +172,82 @@ def plot_model_comparison(rows: Sequence[Mapping[str, Any]], out_path: Path, *,
         ax.margins(y=0.15)
     fig.suptitle(title)
     return _save(fig, out_path)
+
+
+def plot_reliability_diagram(panels: Sequence[tuple[str, Mapping[str, np.ndarray], float]],
+                             out_path: Path, *,
+                             title: str = "Reliability (top-1 confidence)") -> Path:
+    """Reliability diagrams side by side: accuracy against confidence per bin.
+
+    Args:
+        panels: one (label, bins, ECE) per panel, e.g. before and after temperature
+            scaling; `bins` as `skinsense.calibration.reliability_bins` returns them.
+        out_path: the PNG to write (its folder is created).
+        title: the figure title.
+
+    Returns:
+        `out_path`.
+    """
+    fig = Figure(figsize=(5 * len(panels), 5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (label, bins, ece) in zip(axes, panels):
+        edges = np.asarray(bins["edges"])
+        width = np.diff(edges)
+        count = np.asarray(bins["count"])
+        accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float), nan=0.0)
+        # The gap to the diagonal is what ECE sums (weighted by count): draw it in red.
+        ax.bar(edges[:-1], accuracy, width=width, align="edge", color="tab:blue",
+               edgecolor="white", label="accuracy")
+        centers = edges[:-1] + width / 2
+        confidence = np.where(count > 0, np.asarray(bins["confidence"], dtype=float), np.nan)
+        ax.bar(edges[:-1], np.nan_to_num(confidence - accuracy, nan=0.0), bottom=accuracy,
+               width=width, align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="calibrated")
+        for x, n in zip(centers, count):
+            if n:
+                ax.text(x, 0.02, str(int(n)), ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 confidence (bar labels: images per bin)")
+        ax.set_title(f"{label}: ECE {ece:.3f}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    return _save(fig, out_path)
+
+
+def plot_referral_roc(fpr: np.ndarray, tpr: np.ndarray, out_path: Path, *, roc_auc: float,
+                      sensitivity: float, specificity: float, threshold: float,
+                      title: str = "Referral score: malignant vs benign") -> Path:
+    """ROC curve of the referral score with the referral rule's operating point marked.
+
+    Args:
+        fpr: false-positive rates (1 - specificity) along the curve.
+        tpr: true-positive rates (sensitivity) along the curve.
+        out_path: the PNG to write (its folder is created).
+        roc_auc: area under the curve (legend).
+        sensitivity: the rule's sensitivity on this part.
+        specificity: the rule's specificity on this part.
+        threshold: the rule's threshold (legend).
+        title: the figure title.
+
+    Returns:
+        `out_path`.
+    """
+    fig = Figure(figsize=(5.5, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(fpr, tpr, color="tab:blue", label=f"referral score (AUC {roc_auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+    if not (math.isnan(sensitivity) or math.isnan(specificity)):
+        ax.plot([1 - specificity], [sensitivity], marker="o", color="tab:red", linestyle="",
+                label=f"rule: score >= {threshold:.3f}\n(sensitivity {sensitivity:.2f}, "
+                      f"specificity {specificity:.2f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("1 - specificity (benign images referred)")
+    ax.set_ylabel("sensitivity (malignant images referred)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_path)

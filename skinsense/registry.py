@@ -10,12 +10,15 @@ last, so any failure leaves it where it was.
 
 A registered version's model folder holds `weights.safetensors`, `model_card.json` and
 `model.onnx` (exported and checked against PyTorch at registration): nothing in it unpickles
-code when loaded.
+code when loaded. The version's tags repeat what the card says about calibration, the
+referral rule and the subgroup audit (`card_tags`), so `show` can print them without
+downloading anything.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -28,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from skinsense.export import check_onnx_agrees, export_onnx
-from skinsense.packaging import load_card
+from skinsense.packaging import ModelCard, load_card
 from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -99,12 +102,42 @@ def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    for key, value in {**tags, "arch": card.arch, f"test_{metric}": repr(float(score)),
+    for key, value in {**card_tags(card), **tags, "arch": card.arch,
+                       f"test_{metric}": repr(float(score)),
                        "dataset_fingerprint": card.dataset_fingerprint,
                        "onnx_max_abs_diff": f"{onnx_diff:.3g}"}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+# Test metrics of the card that go on a version as tags, beside the promotion metric.
+CARD_METRIC_TAGS = ("test_ece", "test_ece_uncalibrated", "test_nll", "test_nll_uncalibrated",
+                    "test_referral_sensitivity", "test_referral_specificity",
+                    "test_referral_rate", "test_referral_roc_auc")
+
+
+def card_tags(card: ModelCard) -> dict[str, str]:
+    """Calibration, referral and subgroup figures of a model card, as version tags.
+
+    `temperature`, `referral_threshold`, `referral_sensitivity_target`, the card's
+    `CARD_METRIC_TAGS` and `test_gap_*` metrics (numbers, as text), and
+    `test_referral_sensitivity_ci` / `test_referral_specificity_ci` ("[low, high]").
+    Undefined (NaN) figures are left out.
+    """
+    tags = {"temperature": repr(float(card.temperature))}
+    if card.referral_threshold is not None:
+        tags["referral_threshold"] = repr(float(card.referral_threshold))
+        tags["referral_sensitivity_target"] = repr(float(card.referral_sensitivity_target or 0))
+    for key, value in card.metrics.items():
+        if (key in CARD_METRIC_TAGS or key.startswith("test_gap_")) and math.isfinite(value):
+            tags[key] = repr(float(value))
+    for name in ("sensitivity", "specificity"):
+        low = card.test_referral.get(f"{name}_ci_low")
+        high = card.test_referral.get(f"{name}_ci_high")
+        if low is not None and high is not None:
+            tags[f"test_referral_{name}_ci"] = f"[{low:.4f}, {high:.4f}]"
+    return tags
 
 
 def current_champion(model_name: str) -> str | None:
@@ -182,7 +215,10 @@ def show(model_name: str) -> list[dict[str, Any]]:
 
     Returns:
         One dict per version: version, aliases, arch, metrics (the `test_*` tags, e.g.
-        {'test_balanced_accuracy': '0.61'}), dataset_fingerprint, promotion_decision,
+        {'test_balanced_accuracy': '0.61', 'test_referral_sensitivity': '0.95',
+        'test_referral_sensitivity_ci': '[0.91, 0.98]', 'test_gap_balanced_accuracy_sex':
+        '0.03'}), temperature, referral_threshold, referral_sensitivity_target (None for a
+        version registered before calibration), dataset_fingerprint, promotion_decision,
         previous_champion, promoted_at, rollback, run_id, created (ISO time).
 
     Raises:
@@ -204,6 +240,9 @@ def show(model_name: str) -> list[dict[str, Any]]:
             "arch": tags.get("arch"),
             "metrics": {k: v for k, v in sorted(tags.items())
                         if k.startswith("test_") and k != "test_key"},
+            "temperature": tags.get("temperature"),
+            "referral_threshold": tags.get("referral_threshold"),
+            "referral_sensitivity_target": tags.get("referral_sensitivity_target"),
             "dataset_fingerprint": tags.get("dataset_fingerprint"),
             "promotion_decision": tags.get(DECISION_TAG),
             "previous_champion": tags.get(PREVIOUS_TAG),

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 from skinsense.data.records import OversampledData, SplitData
 from skinsense.labels import CLASS_CODES
 
+if TYPE_CHECKING:
+    from skinsense.evaluation import EvalResult
+
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc", "mel_sensitivity",
-            "mel_specificity", "ece")
+            "mel_specificity", "ece", "referral_sensitivity", "referral_specificity")
 
 
 def data_summary_rows(split: SplitData, oversampled: OversampledData) -> list[dict]:
@@ -46,6 +51,44 @@ def metrics_markdown(rows: list[dict]) -> str:
         link_cell = f"[run]({link})" if link.startswith("http") else link
         lines.append(f"| {row['arch']} | " + " | ".join(cells) + f" | {link_cell} |")
     return "\n".join(lines)
+
+
+def subgroups_markdown(arch: str, evaluation: EvalResult) -> str:
+    """The best model's calibration, referral rule and subgroup table, for the run's page.
+
+    Args:
+        arch: the architecture's name.
+        evaluation: its test evaluation (`EvalResult`, with `subgroup_files` when audited).
+    """
+    metrics = evaluation.metrics
+    lines = [f"# Subgroup audit: {arch}", "",
+             f"Temperature {evaluation.temperature:.3f}: test ECE "
+             f"{_fmt(metrics.get('ece_uncalibrated'))} uncalibrated, {_fmt(metrics.get('ece'))} "
+             f"calibrated."]
+    referral = evaluation.referral
+    if referral:
+        lines.append(
+            f"Referral rule (see a dermatologist when p(mel) + p(bcc) + p(akiec) >= "
+            f"{_fmt(referral['threshold'])}): test sensitivity {_interval(referral, 'sensitivity')}"
+            f", specificity {_interval(referral, 'specificity')}, "
+            f"{referral['n_malignant']} malignant and {referral['n_benign']} benign images. An "
+            f"operating point on HAM10000's test lesions, not a clinical validation.")
+    else:
+        lines.append("No referral rule (the validation part had no malignant image).")
+    table = next((p for p in evaluation.subgroup_files if p.suffix == ".md"), None)
+    if table is None or not table.is_file():
+        lines += ["", "No subgroup table: the test part's metadata was not available."]
+        return "\n".join(lines) + "\n"
+    # The file's own title line is replaced by the one above.
+    body = table.read_text().split("\n", 1)[1]
+    return "\n".join(lines) + "\n" + body
+
+
+def _interval(figures: dict, name: str) -> str:
+    low, high = figures.get(f"{name}_ci_low"), figures.get(f"{name}_ci_high")
+    if low is None or high is None:
+        return _fmt(figures.get(name))
+    return f"{_fmt(figures.get(name))} [{_fmt(low)}, {_fmt(high)}]"
 
 
 def promotion_markdown(decision: dict) -> str:

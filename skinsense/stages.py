@@ -108,9 +108,10 @@ def cache_images(split: SplitData, oversampled: OversampledData, size: int, cfg:
                               fingerprint=key, cache_root=home.cache, workers=cfg.cache_workers)
     isic_manifest = validated.isic_test_manifest_csv if validated else None
     if isic_manifest is not None and not cfg.isic_test_as_test:
-        cache.isic_test = build_split_cache(pd.read_csv(isic_manifest), size=size,
-                                            out_dir=cache.test.images_npy.parent,
-                                            name="isic2018_test", workers=cfg.cache_workers)
+        cache.isic_test = build_split_cache(
+            pd.read_csv(isic_manifest), size=size, out_dir=cache.test.images_npy.parent,
+            name="isic2018_test", workers=cfg.cache_workers,
+        ).model_copy(update={"manifest_csv": isic_manifest})
     return cache
 
 
@@ -172,27 +173,52 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
 
 def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConfig,
                           home: Home) -> Candidate:
-    """Evaluate on the held-out test part; log metrics, plots and report to the arch's run."""
+    """Calibrate on the validation part, evaluate on the held-out test part, audit subgroups;
+    log metrics, plots and reports to the arch's run and the figures to its model card."""
     from skinsense import tracking
-    from skinsense.evaluation import evaluate_model_dir
+    from skinsense.data.cache import read_cached_manifest
+    from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
     from skinsense.packaging import load_card, save_card
+    from skinsense.referral import describe_rule
 
     tracking.configure(home)
     model_dir, run_id = trained.model_dir, trained.run_id
+    # Temperature and referral threshold come from the validation part only; the test part
+    # stays untouched until the figures below are measured on it.
+    calibration = calibrate_model_dir(model_dir, cache.val,
+                                      referral_sensitivity=cfg.referral_sensitivity,
+                                      batch_size=cfg.batch_size)
+    tracking.log_metrics(run_id, calibration.metrics())
+    intervals = {"bootstrap_resamples": cfg.bootstrap_resamples,
+                 "bootstrap_seed": cfg.bootstrap_seed}
     result = evaluate_model_dir(model_dir, cache.test, out_dir=model_dir.parent / "evaluation",
                                 batch_size=cfg.batch_size, tta=cfg.tta, history=trained.history,
-                                efficiency=cfg.measure_efficiency)
+                                efficiency=cfg.measure_efficiency,
+                                manifest=read_cached_manifest(cache.test),
+                                subgroup_min_images=cfg.subgroup_min_images, **intervals)
     card = load_card(model_dir)
     card.metrics |= {f"test_{k}": v for k, v in result.metrics.items()} | result.efficiency
+    card.test_referral = result.referral
+    card.referral_rule = describe_rule(card.referral_threshold,
+                                       card.referral_sensitivity_target, result.referral)
+    card.subgroups = {"gaps": result.subgroup_gaps, "min_images": cfg.subgroup_min_images,
+                      "resampled_by": "lesion", **intervals,
+                      "table": "subgroups/subgroup_metrics.csv (MLflow run artifact)"}
     save_card(card, model_dir)
     tracking.log_metrics(run_id, result.metrics, prefix="test_")
     tracking.log_metrics(run_id, result.efficiency)
     for artifact in result.artifacts:
         tracking.log_artifact(run_id, artifact, "evaluation")
+    for artifact in result.subgroup_files:
+        tracking.log_artifact(run_id, artifact, "subgroups")
     if cache.isic_test is not None:
-        # The same report on the official challenge test set, comparable with its leaderboard.
+        # The same report on the official challenge test set, comparable with its leaderboard,
+        # with the temperature and threshold chosen on HAM10000's validation part. Its
+        # metadata has no patient attributes, so no subgroup audit.
         isic = evaluate_model_dir(model_dir, cache.isic_test, batch_size=cfg.batch_size,
-                                  tta=cfg.tta, out_dir=model_dir.parent / "evaluation-isic2018")
+                                  tta=cfg.tta, out_dir=model_dir.parent / "evaluation-isic2018",
+                                  manifest=read_cached_manifest(cache.isic_test),
+                                  subgroups=False, **intervals)
         tracking.log_metrics(run_id, isic.metrics, prefix="isic2018_test_")
         for artifact in isic.artifacts:
             tracking.log_artifact(run_id, artifact, "evaluation-isic2018")

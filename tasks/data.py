@@ -77,5 +77,9 @@ def image_sizes(cfg: PipelineConfig) -> dict[str, int]:
 @task(name="cache-images", task_run_name="cache-images-{size}px", cache_policy=DATA_CACHE)
 def cache_images(split_data: SplitData, oversampled: OversampledData, size: int,
                  cfg: DataConfig, home: Path, validated: ValidatedData) -> ImageCache:
+    """Each cached part names the manifest it was built from (the evaluation's lesion
+    bootstrap and subgroup audit read it). Being part of this task's source, this docstring
+    also retires cached results of earlier versions that lacked it; the image arrays
+    themselves are reused."""
     return stages.cache_images(split_data, oversampled, size, cfg, Home(home),
                                validated=validated)

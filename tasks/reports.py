@@ -31,6 +31,13 @@ def report_metrics(candidates: list[stages.Candidate], home: Path) -> None:
                              description="Test metrics per architecture")
 
 
+@task(name="report-subgroups")
+def report_subgroups(best: stages.Candidate) -> None:
+    create_markdown_artifact(reports.subgroups_markdown(best.arch, best.evaluation),
+                             key="skinsense-subgroups",
+                             description="Subgroup audit of the best architecture (test part)")
+
+
 @task(name="report-promotion")
 def report_promotion(decision: PromotionDecision) -> None:
     create_markdown_artifact(reports.promotion_markdown(decision.model_dump()),

@@ -16,7 +16,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from skinsense.data import cache
-from skinsense.data.cache import CacheBuildError, build_image_cache, build_split_cache
+from skinsense.data.cache import (
+    CacheBuildError,
+    build_image_cache,
+    build_split_cache,
+    read_cached_manifest,
+)
 from skinsense.data.datasets import CachedImageDataset, load_split_tensors
 from skinsense.data.synth import make_synthetic_ham10000
 from skinsense.labels import CODE_TO_INDEX
@@ -215,6 +220,16 @@ def test_build_image_cache_keys_by_fingerprint_and_size(
     assert image_cache.key == "0123456789abcdef-24px"
     assert image_cache.train.images_npy.parent == tmp_path / "cache" / image_cache.key
     assert (image_cache.train.n, image_cache.val.n, image_cache.test.n) == (24, 8, 8)
+
+    # Each part names its manifest, whose rows describe its images in order.
+    assert image_cache.test.manifest_csv == csvs["test"]
+    rows = read_cached_manifest(image_cache.test)
+    assert list(rows["image_id"]) == list(manifest.iloc[32:]["image_id"])
+    manifest.iloc[33:].to_csv(csvs["test"], index=False)  # changed after the cache was built
+    with pytest.raises(ValueError, match="no longer matches"):
+        read_cached_manifest(image_cache.test)
+    with pytest.raises(ValueError, match="--refresh-data"):
+        read_cached_manifest(image_cache.test.model_copy(update={"manifest_csv": None}))
 
 
 def test_dataset_works_with_dataloader_workers(manifest: pd.DataFrame, tmp_path: Path) -> None:

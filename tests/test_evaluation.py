@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from skinsense import plots
+from skinsense.calibration import calibrated_probabilities
 from skinsense.data.records import CachedSplit
 from skinsense.evaluation import (
     HEADLINE_METRICS,
@@ -20,6 +21,7 @@ from skinsense.evaluation import (
     evaluate_model_dir,
     evaluation_report,
     measure_efficiency,
+    predict_logits,
     predict_probabilities,
     write_comparison,
 )
@@ -146,7 +148,7 @@ def test_probabilities_shape_and_sum(model_dir, cached_part, tta):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_tta_is_the_mean_over_identity_and_both_flips(model_dir, cached_part):
+def test_tta_is_the_mean_logit_over_identity_and_both_flips(model_dir, cached_part):
     images = np.load(cached_part.images_npy)
 
     def part_of(name: str, array: np.ndarray) -> CachedSplit:
@@ -156,10 +158,13 @@ def test_tta_is_the_mean_over_identity_and_both_flips(model_dir, cached_part):
 
     views = [cached_part, part_of("hflip.npy", images[:, :, ::-1]),
              part_of("vflip.npy", images[:, ::-1])]
-    plain, hflipped, vflipped = (predict_probabilities(model_dir, v) for v in views)
-    tta = predict_probabilities(model_dir, cached_part, tta=True)
+    plain, hflipped, vflipped = (predict_logits(model_dir, v) for v in views)
+    tta = predict_logits(model_dir, cached_part, tta=True)
+    # Logits, not probabilities, are averaged: temperature scaling then keeps the argmax.
     np.testing.assert_allclose(tta, (plain + hflipped + vflipped) / 3, atol=1e-5)
     assert not np.allclose(tta, plain, atol=1e-5)
+    np.testing.assert_allclose(predict_probabilities(model_dir, cached_part, tta=True),
+                               calibrated_probabilities(tta, 1.0), atol=1e-6)
 
 
 def test_measure_efficiency(model_dir):
@@ -177,8 +182,9 @@ def test_evaluate_model_dir_writes_everything(model_dir, cached_part, tmp_path):
     result = evaluate_model_dir(model_dir, cached_part, out_dir=tmp_path / "eval", batch_size=4,
                                 tta=True, history=history)
     names = {p.name for p in result.artifacts}
+    # No referral_roc.png: this card has no referral threshold (it was never calibrated).
     assert names == {"evaluation.json", "classification_report.txt", "test_probabilities.npy",
-                     "confusion_matrix.png", "training_curves.png"}
+                     "confusion_matrix.png", "training_curves.png", "reliability_diagram.png"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in result.artifacts)
     assert set(HEADLINE_METRICS) <= set(result.metrics) and result.n_images == cached_part.n
 
@@ -255,3 +261,105 @@ def test_comparison_table_and_files(tmp_path):
     assert lines[1] == "| --- | --- | --- | --- | --- | --- |"
     assert lines[2] == "| maxvit_t | 0.7800 | 0.7000 | 0.0500 | 123.4 | 184.0 |"
     assert lines[3] == "| efficientnet_b0 | 0.7100 | 0.6600 |  | 16.3 | 39.0 |"
+
+
+# -- calibration, referral and the subgroup audit -------------------------------------------------
+
+def copy_with_card(model_dir, out, **card_fields):
+    """A copy of a model folder whose card has `card_fields` set."""
+    import shutil
+
+    from skinsense.packaging import load_card, save_card
+
+    shutil.copytree(model_dir, out)
+    card = load_card(out)
+    for key, value in card_fields.items():
+        setattr(card, key, value)
+    save_card(card, out)
+    return out
+
+
+@pytest.mark.slow
+def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached_part, tmp_path):
+    calibrated = copy_with_card(model_dir, tmp_path / "calibrated", temperature=0.05,
+                                referral_threshold=0.3, referral_sensitivity_target=0.95)
+    manifest = pd.DataFrame({"lesion_id": ["L1", "L1", "L2", "L3", "L4", "L5"],
+                             "sex": ["male", "male", "female", "female", None, "male"],
+                             "age": [35, 35, 70, None, 50, 80],
+                             "localization": ["back"] * 3 + ["face"] * 3,
+                             "dx_type": ["histo"] * 6})
+    result = evaluate_model_dir(calibrated, cached_part, out_dir=tmp_path / "eval",
+                                manifest=manifest, bootstrap_resamples=100,
+                                subgroup_min_images=2)
+    plain = evaluate_model_dir(model_dir, cached_part, out_dir=tmp_path / "plain")
+    metrics = result.metrics
+    # Dividing logits by 0.05 sharpens every prediction: the calibration metrics move, the
+    # metrics of the predicted class alone do not.
+    assert metrics["ece"] != pytest.approx(metrics["ece_uncalibrated"])
+    assert metrics["ece_uncalibrated"] == pytest.approx(plain.metrics["ece"])
+    assert metrics["nll"] != pytest.approx(metrics["nll_uncalibrated"])
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "recall_mel", "f1_nv"):
+        assert metrics[key] == plain.metrics[key], key
+    assert {"referral_sensitivity", "referral_sensitivity_ci_low", "referral_specificity_ci_high",
+            "referral_rate", "gap_balanced_accuracy_sex"} <= set(metrics)
+    assert result.referral["resampled_by"] == "lesion" and result.referral["n_lesions"] == 5
+    assert result.temperature == 0.05
+    assert {p.name for p in result.artifacts} >= {"reliability_diagram.png", "referral_roc.png"}
+    assert [p.name for p in result.subgroup_files] == ["subgroup_metrics.csv",
+                                                       "subgroup_metrics.md"]
+    report = json.loads(result.report_json.read_text())
+    assert report["calibration"]["argmax_metrics_unchanged"] is True
+    assert report["calibration"]["temperature"] == 0.05
+    assert report["referral"]["threshold"] == 0.3
+    # Probabilities on disk are the calibrated ones, as served.
+    saved = np.load(tmp_path / "eval" / "test_probabilities.npy")
+    np.testing.assert_allclose(saved, predict_probabilities(calibrated, cached_part), atol=1e-6)
+    assert "referral" not in " ".join(plain.metrics)  # no threshold, no referral figures
+    from skinsense.evaluation import comparison_row
+
+    assert comparison_row(result)["referral_specificity"] == metrics["referral_specificity"]
+
+    from skinsense.reports import subgroups_markdown
+
+    page = subgroups_markdown("resnet18", result)  # the Prefect artifact of the best model
+    assert page.startswith("# Subgroup audit: resnet18") and "Temperature 0.050" in page
+    assert "p(mel) + p(bcc) + p(akiec) >= 0.3000" in page and "| sex | male |" in page
+    assert "not a clinical validation" in page
+    bare = subgroups_markdown("resnet18", plain)
+    assert "No referral rule" in bare and "No subgroup table" in bare
+
+
+@pytest.mark.slow
+def test_calibrating_a_trained_model(cached_sample, tmp_path):
+    """On a trained model's real outputs: the fit lowers the validation NLL, the threshold meets
+    its target on validation, and the test metrics of the argmax do not move."""
+    from skinsense.config import TrainConfig
+    from skinsense.data.cache import read_cached_manifest
+    from skinsense.evaluation import calibrate_model_dir
+    from skinsense.packaging import load_card
+    from skinsense.training.loop import fit
+
+    cache, oversampled = cached_sample
+    cfg = TrainConfig(archs=["resnet18"], epochs=2, batch_size=32, lr=2e-3, pretrained=False,
+                      num_workers=0, seed=1, progress=False)
+    trained = fit(cache, "resnet18", cfg, out_dir=tmp_path / "run",
+                  class_weights=oversampled.class_weights).model_dir
+    uncalibrated = copy_with_card(trained, tmp_path / "uncalibrated")
+
+    calibration = calibrate_model_dir(trained, cache.val, referral_sensitivity=0.9)
+    card = load_card(trained)
+    assert card.temperature == calibration.temperature != 1.0
+    assert calibration.nll < calibration.nll_uncalibrated
+    assert card.referral_threshold == calibration.referral_threshold is not None
+    assert calibration.referral_sensitivity >= 0.9 and card.referral_sensitivity_target == 0.9
+    assert "not a clinical validation" in card.referral_rule
+
+    manifest = read_cached_manifest(cache.test)
+    after = evaluate_model_dir(trained, cache.test, out_dir=tmp_path / "after", manifest=manifest,
+                               bootstrap_resamples=100)
+    before = evaluate_model_dir(uncalibrated, cache.test, out_dir=tmp_path / "before")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert after.metrics[key] == before.metrics[key], key
+    assert after.metrics["ece_uncalibrated"] == pytest.approx(before.metrics["ece"])
+    assert after.metrics["nll_uncalibrated"] == pytest.approx(before.metrics["nll"])
+    assert 0 <= after.metrics["referral_sensitivity"] <= 1

@@ -106,3 +106,42 @@ def test_stale_onnx_is_not_served_and_fails_the_check(exported, tmp_path):
     assert Predictor.from_model_dir(stale).backend == "torch"
     with pytest.raises(OnnxMismatchError, match="differ"):
         check_onnx_agrees(stale)
+
+
+@pytest.mark.slow
+def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
+    """PyTorch, ONNX Runtime and the MLflow pyfunc give the same calibrated probabilities."""
+    import shutil
+
+    import pandas as pd
+
+    from skinsense.calibration import calibrated_probabilities
+    from skinsense.packaging import load_card, save_card
+    from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
+
+    _, exported_dir = exported
+    model_dir = tmp_path / "calibrated"
+    shutil.copytree(exported_dir, model_dir)
+    card = load_card(model_dir)
+    card.temperature = 2.5
+    save_card(card, model_dir)  # the ONNX export stays valid: it computes logits only
+
+    onnx_predictor = Predictor.from_model_dir(model_dir)
+    torch_predictor = Predictor.from_model_dir(model_dir, backend="torch")
+    assert onnx_predictor.backend == "onnxruntime"
+    pyfunc = SkinSensePyfunc()
+    pyfunc.load_context(type("Context", (), {"artifacts": {MODEL_DIR_ARTIFACT: str(model_dir)}}))
+    images = [p.read_bytes() for p in sorted(EXAMPLES_DIR.glob("*.jpg"))[:3]]
+
+    logits = torch_predictor.logits(images)
+    expected = calibrated_probabilities(logits, 2.5)
+    np.testing.assert_allclose(torch_predictor.predict_proba(images), expected, atol=1e-6)
+    np.testing.assert_allclose(onnx_predictor.predict_proba(images), expected, atol=1e-4)
+    served = pyfunc.predict(None, pd.DataFrame({"image": images}))
+    np.testing.assert_allclose(served.to_numpy(), expected, atol=1e-4)
+    # Really scaled: the plain softmax differs, the predicted class does not.
+    plain = calibrated_probabilities(logits, 1.0)
+    assert np.abs(plain - expected).max() > 1e-3
+    np.testing.assert_array_equal(plain.argmax(axis=1), served.to_numpy().argmax(axis=1))
+    classified = torch_predictor.classify(images[0])
+    assert classified["mel"] == pytest.approx(float(expected[0, 4]), abs=1e-6)

@@ -28,11 +28,53 @@ def tiny_config(source, port: int, **train) -> PipelineConfig:
         "train": {"archs": ["efficientnet_b0", "resnet18"], "epochs": 2, "image_size": 32,
                   "batch_size": 32, "pretrained": False, "num_workers": 0, **train},
         "serve": {"port": port, "startup_timeout_s": 240},
+        # A test part of ~37 images: small groups still get figures, so gaps are computed.
+        "eval": {"subgroup_min_images": 3, "bootstrap_resamples": 200},
     })
 
 
+def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path) -> None:
+    """A child run holds the calibration, referral and subgroup figures and artifacts."""
+    import mlflow
+    import pandas as pd
+
+    metrics = child.data.metrics
+    assert {"temperature", "referral_threshold", "val_nll", "val_nll_uncalibrated",
+            "test_ece", "test_ece_uncalibrated", "test_nll", "test_nll_uncalibrated",
+            "test_referral_sensitivity", "test_referral_sensitivity_ci_low",
+            "test_referral_sensitivity_ci_high", "test_referral_specificity",
+            "test_referral_specificity_ci_low", "test_referral_specificity_ci_high"} <= set(metrics)
+    assert metrics["val_nll"] <= metrics["val_nll_uncalibrated"]  # what the fit minimizes
+    assert metrics["val_referral_sensitivity"] >= 0.95            # the default target
+    assert any(key.startswith("test_gap_balanced_accuracy_") for key in metrics)
+    evaluation = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
+    assert {"evaluation/reliability_diagram.png", "evaluation/referral_roc.png"} <= evaluation
+    csv_path = mlflow.artifacts.download_artifacts(
+        run_id=child.info.run_id, artifact_path="subgroups/subgroup_metrics.csv",
+        dst_path=str(tmp_path / child.info.run_id))
+    table = pd.read_csv(csv_path)
+    assert list(table.columns) == ["attribute", "group", "n", "metric", "value", "ci_low",
+                                   "ci_high"]
+    assert set(table["attribute"]) == {"all", "sex", "age_band", "localization", "dx_type"}
+
+
+def assert_card_has_the_new_fields(champion, tmp_path) -> None:
+    """The registered model card carries the temperature, the rule and the audit's gaps."""
+    from skinsense.packaging import load_card
+    from skinsense.registry import download_model_dir
+
+    card = load_card(download_model_dir("skinsense", str(champion.version), tmp_path / "champ"))
+    assert card.temperature != 1.0 and float(champion.tags["temperature"]) == card.temperature
+    assert card.referral_threshold is not None and card.referral_sensitivity_target == 0.95
+    assert {"sensitivity", "sensitivity_ci_low", "specificity", "n_malignant"} <= set(
+        card.test_referral)
+    assert card.subgroups["gaps"]["balanced_accuracy"]
+    assert "not a clinical validation" in card.referral_rule
+    assert "test_referral_sensitivity" in champion.tags
+
+
 def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthetic_sample,
-                                                   free_port):
+                                                   free_port, tmp_path):
     from flows.pipeline import skinsense_pipeline
 
     try:
@@ -64,8 +106,10 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
             evaluation = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
             assert "evaluation/confusion_matrix.png" in evaluation
             assert child.data.tags["dataset_fingerprint"] == parents[0].data.tags["dataset_fingerprint"]
+            assert_calibrated_triaged_and_audited(client, child, tmp_path)
         champion = client.get_model_version_by_alias("skinsense", "champion")
         assert str(champion.version) == result["version"]
+        assert_card_has_the_new_fields(champion, tmp_path)
 
         # Same parameters again: the data stages come from the cache; the app keeps serving.
         state = skinsense_pipeline(config=tiny_config(synthetic_sample, free_port),
@@ -76,7 +120,7 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
         assert health(url)["status"] == "ok"
         keys = {a.key for a in get_client(sync_client=True).read_artifacts()}
         assert {"skinsense-data-summary", "skinsense-metrics", "skinsense-promotion",
-                "skinsense-app"} <= keys
+                "skinsense-app", "skinsense-subgroups"} <= keys
     finally:
         stop_app(home.app)
     assert health(f"http://127.0.0.1:{free_port}") is None

@@ -25,6 +25,8 @@ def modules_after_import(statement: str) -> set[str]:
     "skinsense.data.datasets", "skinsense.training.loop", "skinsense.training.launcher",
     "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",
     "skinsense.presets", "skinsense.packaging",
+    # Serving applies calibration and the referral rule; evaluation adds the audit.
+    "skinsense.calibration", "skinsense.referral", "skinsense.bootstrap", "skinsense.subgroups",
 ])
 def test_data_and_training_need_no_orchestration_libraries(module):
     loaded = modules_after_import(f"import {module}")

@@ -228,3 +228,40 @@ def test_cli_registry_show_promote_rollback(tmp_path, store, capsys):
     assert registry.current_champion("skin") == first.version
     assert main(["registry", "rollback", "--name", "skin"]) == 1
     assert "no earlier champion" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
+        tmp_path, store, capsys, monkeypatch):
+    from skinsense.cli import main
+    from skinsense.packaging import load_card, save_card
+
+    model_dir, run_id = candidate(tmp_path, "calibrated", store)
+    card = load_card(model_dir)
+    card.temperature, card.referral_threshold, card.referral_sensitivity_target = 1.7, 0.21, 0.95
+    card.metrics = {"test_ece": 0.04, "test_ece_uncalibrated": 0.12, "test_nll": 0.6,
+                    "test_nll_uncalibrated": 0.9, "test_referral_sensitivity": 0.93,
+                    "test_referral_specificity": 0.55, "test_gap_balanced_accuracy_sex": 0.03,
+                    "test_referral_roc_auc": float("nan")}
+    card.test_referral = {"sensitivity": 0.93, "sensitivity_ci_low": 0.88,
+                          "sensitivity_ci_high": 0.97, "specificity": 0.55,
+                          "specificity_ci_low": None, "specificity_ci_high": None}
+    save_card(card, model_dir)
+    version = registry.register_candidate(model_dir, run_id=run_id, model_name="skin",
+                                          metric="balanced_accuracy", score=0.7, tags={})
+    tags = MlflowClient().get_model_version("skin", version).tags
+    assert float(tags["temperature"]) == 1.7 and float(tags["referral_threshold"]) == 0.21
+    assert float(tags["test_ece"]) == 0.04 and float(tags["test_nll_uncalibrated"]) == 0.9
+    assert tags["test_referral_sensitivity_ci"] == "[0.8800, 0.9700]"
+    assert "test_referral_specificity_ci" not in tags  # no interval: no tag
+    assert "test_referral_roc_auc" not in tags          # NaN: undefined, not a number
+    assert float(tags["test_gap_balanced_accuracy_sex"]) == 0.03
+
+    row = registry.show("skin")[-1]
+    assert row["temperature"] == tags["temperature"] and row["referral_sensitivity_target"]
+    monkeypatch.setenv("COLUMNS", "400")  # one line per version, so words are not folded
+    assert main(["registry", "show", "--name", "skin"]) == 0
+    out = capsys.readouterr().out
+    assert "T=1.7000 ECE 0.1200->0.0400 NLL 0.9000->0.6000" in out
+    assert "score>=0.2100" in out and "sensitivity 0.9300 [0.8800, 0.9700]" in out
+    assert "balanced_accuracy_sex=0.0300" in out

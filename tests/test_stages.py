@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from skinsense import stages, tracking
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, save_model_dir
+from skinsense.packaging import ModelCard, load_card, save_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,27 @@ def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
                                ModelCard(arch="resnet18", image_size=32), tmp_path / "m" / "model")
     trained = stages.TrainedArch(arch="resnet18", run_id=run_id, model_dir=model_dir, history=[])
     candidate = stages.evaluate_architecture(
-        trained, cache, EvalConfig(measure_efficiency=False), home)
+        trained, cache, EvalConfig(measure_efficiency=False, bootstrap_resamples=100,
+                                   subgroup_min_images=3), home)
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert "isic2018_test_balanced_accuracy" in metrics and "test_balanced_accuracy" in metrics
     assert candidate.test_metrics["balanced_accuracy"] == pytest.approx(
         metrics["test_balanced_accuracy"])
+    # The same calibration and referral figures on both test sets, with the temperature and
+    # threshold fitted on the validation part.
+    for prefix in ("test_", "isic2018_test_"):
+        assert {f"{prefix}{name}" for name in (
+            "ece", "ece_uncalibrated", "nll", "nll_uncalibrated", "referral_sensitivity",
+            "referral_sensitivity_ci_low", "referral_specificity_ci_high")} <= set(metrics)
+    assert {"temperature", "referral_threshold", "val_nll", "val_referral_sensitivity"} <= set(
+        metrics)
+    assert not any(key.startswith("isic2018_test_gap_") for key in metrics)  # no patient data
+    card = load_card(model_dir)
+    assert card.temperature == pytest.approx(metrics["temperature"])
+    assert card.referral_threshold == pytest.approx(metrics["referral_threshold"])
+    assert card.test_referral["sensitivity"] == pytest.approx(metrics["test_referral_sensitivity"])
+    assert card.subgroups["min_images"] == 3 and "not a clinical validation" in card.referral_rule
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "subgroups")}
+    assert artifacts == {"subgroups/subgroup_metrics.csv", "subgroups/subgroup_metrics.md"}
+    isic = {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation-isic2018")}
+    assert "evaluation-isic2018/reliability_diagram.png" in isic

@@ -192,9 +192,33 @@ def build_image_cache(
     splits = {}
     for name, csv in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
         manifest = pd.read_csv(csv, dtype={"lesion_id": str, "image_id": str, "dx": str})
-        splits[name] = build_split_cache(manifest, size=size, out_dir=out, name=name,
-                                         workers=workers)
+        cached = build_split_cache(manifest, size=size, out_dir=out, name=name, workers=workers)
+        splits[name] = cached.model_copy(update={"manifest_csv": Path(csv)})
     return ImageCache(size=size, key=key, **splits)
+
+
+def read_cached_manifest(cached: CachedSplit) -> pd.DataFrame:
+    """The manifest rows of a cached part, in cache order (row i describes image i).
+
+    Raises:
+        ValueError: the record names no manifest (a cache record from before manifests were
+            kept: rebuild it, e.g. with `--refresh-data`), or the manifest no longer matches
+            the cached labels (it was changed after the cache was built).
+    """
+    import pandas as pd
+
+    if cached.manifest_csv is None:
+        raise ValueError(f"the cached part {cached.images_npy} does not say which manifest it "
+                         "was built from; run the cache stage again (--refresh-data)")
+    manifest = pd.read_csv(cached.manifest_csv,
+                           dtype={"lesion_id": str, "image_id": str, "dx": str})
+    labels = np.load(cached.labels_npy)
+    if len(manifest) != len(labels) or not np.array_equal(
+            manifest["dx"].map(CODE_TO_INDEX).to_numpy(), labels):
+        raise ValueError(f"{cached.manifest_csv} ({len(manifest)} rows) no longer matches the "
+                         f"cached part {cached.labels_npy} ({len(labels)} images); run the "
+                         f"cache stage again (--refresh-data)")
+    return manifest
 
 
 # --------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class CachedSplit(BaseModel):
     labels_npy: Path
     size: int
     n: int
+    # The manifest the part was cached from: row i of it is image i of the cache (lesion,
+    # sex, age, site, dx_type for the evaluation's bootstrap and subgroup audit).
+    manifest_csv: Path | None = None
 
 
 class ImageCache(BaseModel):

@@ -72,14 +72,16 @@ def describe_top(probabilities: dict[str, float], k: int = 3) -> str:
 
 
 def footer_text(model: LoadedModel) -> str:
-    """One line from the model card: version, architecture, test score, training date."""
+    """One line from the model card: version, architecture, test score, calibration, date."""
     card = model.predictor.card
     version = f"version {model.version}" if model.version else f"from {Path(model.model_uri).name}/"
     score = card.metrics.get("test_balanced_accuracy")
     score_text = f"{score:.3f}" if score is not None else "n/a"
+    calibration = (f"probabilities calibrated (temperature {card.temperature:.2f})"
+                   if card.temperature != 1.0 else "probabilities not calibrated")
     return (f"Model: {model.model_name or 'skinsense'} {version} - {card.arch} at "
-            f"{card.image_size} px - test balanced accuracy {score_text} - trained "
-            f"{card.trained_at[:10]} - runs on {model.predictor.backend}")
+            f"{card.image_size} px - test balanced accuracy {score_text} - {calibration} - "
+            f"trained {card.trained_at[:10]} - runs on {model.predictor.backend}")
 
 
 class LesionImage(gr.Image):

@@ -6,7 +6,9 @@ what the model was evaluated on.
 
 Two backends compute the same logits: ONNX Runtime, used when the model folder holds a
 `model.onnx` exported from its current weights (see `skinsense.export`), and PyTorch
-otherwise. The softmax is applied here for both.
+otherwise. For both, the logits become probabilities here, through the one function every
+path uses (`skinsense.calibration.calibrated_probabilities`) with the card's temperature; the
+referral decision on those probabilities is `skinsense.referral.referral_decision`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from skinsense.calibration import calibrated_probabilities
 from skinsense.data.cache import resize_square
 from skinsense.export import (
     INPUT_NAME,
@@ -164,20 +167,23 @@ class Predictor:
         return x
 
     @torch.inference_mode()
-    def predict_proba(self, images: list) -> np.ndarray:
-        """Probabilities (N, 7) in CLASS_CODES order."""
+    def logits(self, images: list) -> np.ndarray:
+        """Raw network outputs (N, 7) in CLASS_CODES order, float32."""
         if self.session is not None:
             inputs = self._normalized_array(images)
             with self._lock:
-                logits = torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])
-        else:
-            batch = self.preprocess(images)
-            with self._lock:
-                logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=1).numpy()
+                return self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+        batch = self.preprocess(images)
+        with self._lock:
+            return self.model(batch).float().numpy()
+
+    def predict_proba(self, images: list) -> np.ndarray:
+        """Calibrated probabilities (N, 7) in CLASS_CODES order: the logits divided by the
+        card's temperature, then the softmax (`skinsense.calibration`)."""
+        return calibrated_probabilities(self.logits(images), self.card.temperature)
 
     def classify(self, image) -> dict[str, float]:
-        """One image -> {class code: probability}."""
+        """One image -> {class code: calibrated probability}."""
         return dict(zip(CLASS_CODES, map(float, self.predict_proba([image])[0]), strict=True))
 
 
