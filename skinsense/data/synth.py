@@ -122,6 +122,21 @@ _STYLES: dict[str, _ClassStyle] = {
     "vasc": _ClassStyle((0.62, 0.10, 0.26), (0.35, 0.05, 0.25), (0.32, 0.52), 0.06, 0.05,
                         "lobules"),
 }
+# Classes that look alike in real dermoscopy (the errors of real classifiers cluster in
+# nv/mel/bkl, then akiec/bcc/bkl). A lesion borrows the look of one of its look-alikes with
+# `_MIMIC_PROBABILITY`: part of its colours and shape, and half the time its pattern. So the
+# synthetic sample is learnable but not trivially: some lesions of a class look more like
+# another one, as in the real data, and no model reaches a perfect score on it.
+_LOOKALIKES: dict[str, tuple[str, ...]] = {
+    "nv": ("mel", "bkl", "df"), "mel": ("nv", "bkl"), "bkl": ("nv", "mel", "akiec"),
+    "bcc": ("akiec", "vasc"), "akiec": ("bcc", "bkl"), "df": ("nv", "bkl"), "vasc": ("bcc",),
+}
+_MIMIC_PROBABILITY = 0.3
+# How much of the look-alike's colours and shape a mimicking lesion takes.
+_MIMIC_WEIGHT = (0.45, 0.85)
+# The pattern's contrast against the lesion's base colour, per lesion: faint patterns are
+# common, so the class is not always visible at a glance.
+_PATTERN_CONTRAST = (0.4, 1.0)
 # Patients' skin tones (RGB 0..1), light to medium.
 _SKIN_TONES = np.array([
     [0.93, 0.76, 0.67], [0.88, 0.68, 0.58], [0.84, 0.62, 0.52], [0.78, 0.56, 0.45],
@@ -451,9 +466,30 @@ def _render_jpeg(job: _ImageJob) -> bytes:
     return buffer.getvalue()
 
 
+def _lesion_style(code: str, look: np.random.Generator) -> tuple[_ClassStyle, float]:
+    """The look of one lesion: its class's style, or a blend with a look-alike's; and the
+    contrast of its pattern."""
+    style = _STYLES[code]
+    contrast = float(look.uniform(*_PATTERN_CONTRAST))
+    if look.random() >= _MIMIC_PROBABILITY:
+        return style, contrast
+    other = _STYLES[_LOOKALIKES[code][int(look.integers(len(_LOOKALIKES[code])))]]
+    w = float(look.uniform(*_MIMIC_WEIGHT))
+
+    def mix(a, b):
+        return tuple(float(x) for x in (1 - w) * np.asarray(a) + w * np.asarray(b))
+
+    pattern = other.pattern if look.random() < 0.5 else style.pattern
+    return _ClassStyle(mix(style.color, other.color), mix(style.color2, other.color2),
+                       mix(style.radius, other.radius),
+                       (1 - w) * style.irregularity + w * other.irregularity,
+                       (1 - w) * style.edge + w * other.edge, pattern), contrast
+
+
 def _render_image(job: _ImageJob) -> Image.Image:
     """Draw one photo of one lesion as a PIL image of (job.width, job.height)."""
-    style = _STYLES[job.code]
+    # A stream of its own for the look, so the other draws of a lesion stay as they were.
+    style, contrast = _lesion_style(job.code, np.random.default_rng([job.seed, 4, job.lesion_key]))
     lesion = np.random.default_rng([job.seed, 1, job.lesion_key])
     photo = np.random.default_rng([job.seed, 2, job.image_key])
 
@@ -466,6 +502,7 @@ def _render_image(job: _ImageJob) -> Image.Image:
     # --- what the lesion is (shared by all photos of it)
     color = np.clip(np.array(style.color) * lesion.uniform(0.92, 1.08, 3), 0, 1)
     color2 = np.clip(np.array(style.color2) * lesion.uniform(0.94, 1.06, 3), 0, 1)
+    color2 = color + contrast * (color2 - color)
     radius = lesion.uniform(*style.radius)
     aspect = lesion.uniform(0.65, 1.0)
     harmonics = np.arange(2, 6)
@@ -512,7 +549,7 @@ def _render_image(job: _ImageJob) -> Image.Image:
     shade = (1 + light * (math.cos(light_dir) * x + math.sin(light_dir) * y)
              - vignette * np.clip(x * x + y * y - 1.2, 0, None))
     rgb = rgb * (shade * brightness)[..., None]
-    rgb += photo.normal(0, 0.02, rgb.shape).astype(np.float32)
+    rgb += photo.normal(0, 0.03, rgb.shape).astype(np.float32)
     # Leave room for the grain so that a plain modulo add cannot wrap (PIL's saturating
     # add costs 15x more); the offset keeps the mean level unchanged.
     low = np.clip(rgb * 255 + (0.5 - _GRAIN), 0, 255 - 2 * _GRAIN).astype(np.uint8)
