@@ -186,6 +186,14 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_node(args: argparse.Namespace) -> int:
+    from skinsense.training.launcher import join_training
+
+    join_training(Path(args.spec))
+    print("this node's part of the training ended")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     # Imported only here: `skinsense` itself never imports prefect.
     importlib.import_module("deployments.serve").main()
@@ -265,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-port", type=int, default=7860)
     p.add_argument("--no-app", action="store_true", help="do not start the app")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("train-node",
+                       help="join a multi-node training (train.num_nodes > 1) from this machine")
+    p.add_argument("spec", help="the train_spec.json that the first node printed (on the "
+                                "shared SKINSENSE_HOME)")
+    p.set_defaults(func=cmd_train_node)
 
     p = sub.add_parser("deploy", help="Prefect deployments of the pipeline")
     p.add_argument("action", choices=["serve"],

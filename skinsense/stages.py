@@ -142,7 +142,7 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
         parent_run_id, name=arch, config={"arch": arch, "image_size": cache.size,
                                           **cfg.train.model_dump(mode="json")},
         tags={"dataset_fingerprint": fingerprint, "split_seed": str(cfg.data.split_seed)})
-    out_dir = home.runs / _digest(cache.key, arch, cfg.train.model_dump(mode="json"))[:16]
+    out_dir = home.runs / _digest(cache.key, arch, cfg.train.run_key())[:16]
     try:
         # A child process per architecture: the flow process is never re-executed, GPU memory
         # is freed between architectures, and a crash stays in the child.
