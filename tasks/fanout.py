@@ -54,10 +54,15 @@ def train_on_pool(arch: str, data: DataHandoff, cfg: PipelineConfig,
                   class_weights: list[float] | None, parent_run_id: str) -> stages.ChildOutcome:
     request = ArchRequest(arch=arch, config=cfg, data=data, class_weights=class_weights,
                           parent_run_id=parent_run_id)
-    child = run_deployment(TRAIN_DEPLOYMENT, parameters={"request": request.model_dump(mode="json")},
-                           flow_run_name=f"{flow_run.get_name()}-{arch}",
-                           job_variables=stages.job_variables_for(cfg, arch) or None,
-                           tags=["skinsense", f"arch:{arch}"], as_subflow=True)
+    name = f"{flow_run.get_name()}-{arch}"
+    try:
+        child = run_deployment(TRAIN_DEPLOYMENT,
+                               parameters={"request": request.model_dump(mode="json")},
+                               flow_run_name=name, tags=["skinsense", f"arch:{arch}"],
+                               job_variables=stages.job_variables_for(cfg, arch) or None)
+    except Exception as exc:  # e.g. job variables the pool refuses: this child never ran
+        return stages.ChildOutcome(arch=arch, flow_run_id="-", flow_run_name=name,
+                                   state="NotCreated", message=f"{type(exc).__name__}: {exc}")
     state, result, message = child.state, None, child.state.message
     if state.is_completed():
         try:
