@@ -192,8 +192,9 @@ class TrainConfig(_Strict):
         False,
         description="Train each architecture in a child flow run of the deployment "
         "'train-architecture/train-architecture' on the work pool 'skinsense-gpu', so workers "
-        "on several machines train them at the same time. Needs SKINSENSE_HOME on storage "
-        "every worker mounts, and the Prefect and MLflow servers (docs/OPERATIONS.md).",
+        "on several machines train them at the same time (parallel_archs does not apply). "
+        "Needs SKINSENSE_HOME on storage every worker mounts, and the Prefect and MLflow "
+        "servers (docs/OPERATIONS.md).",
     )
     job_variables: dict[str, dict[str, Any]] = Field(
         {},

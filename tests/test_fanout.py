@@ -30,24 +30,26 @@ from test_stack import free_ports
 
 
 @pytest.fixture
-def two_homes(cached_sample, tmp_path):
-    """The cached sample's cache copied into two homes at different paths: one "shared"
-    folder as two machines that mount it at different points would see it."""
-    cache, _ = cached_sample
-    source_root = Path(cache.train.images_npy).parents[2]
-    homes = []
-    for name in ("parent", "child"):
-        home = Home(tmp_path / name / "skinsense_home").ensure()
-        shutil.copytree(source_root / "cache", home.cache, dirs_exist_ok=True)
-        homes.append(home)
+def two_homes(tmp_path):
+    """A small image cache in one home, copied into a second home at another path: one
+    "shared" folder as two machines that mount it at different points would see it."""
+    import numpy as np
 
-    def moved(path):
-        return homes[0].root / Path(path).relative_to(source_root)
+    from skinsense.data.records import CachedSplit, ImageCache
 
-    local = cache.model_copy(update={part: getattr(cache, part).model_copy(update={
-        "images_npy": moved(getattr(cache, part).images_npy),
-        "labels_npy": moved(getattr(cache, part).labels_npy)}) for part in ("train", "val", "test")})
-    return local, homes[0], homes[1]
+    parent, child = (Home(tmp_path / name / "skinsense_home").ensure()
+                     for name in ("parent", "child"))
+    folder = parent.cache / "0123456789abcdef-32px"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in (("train", 12), ("val", 4), ("test", 4)):
+        images, labels = folder / f"{name}_images.npy", folder / f"{name}_labels.npy"
+        np.save(images, rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+        np.save(labels, rng.integers(0, 7, n).astype(np.int64))
+        splits[name] = CachedSplit(images_npy=images, labels_npy=labels, size=32, n=n)
+    shutil.copytree(parent.cache, child.cache, dirs_exist_ok=True)
+    return ImageCache(size=32, key=folder.name, **splits), parent, child
 
 
 def _copy_record(parent: Home, child: Home, handoff) -> Path:
@@ -91,6 +93,7 @@ def test_a_child_refuses_other_data_with_a_clear_error(two_homes, tmp_path):
         receive_cache(handoff, Home(tmp_path / "empty").ensure())
 
 
+@pytest.mark.slow  # an MLflow SQLite store takes ~8 s to create
 def test_the_model_folder_comes_back_through_mlflow_with_its_checksums(tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
@@ -164,6 +167,29 @@ def test_job_variables_per_architecture():
                                                                "gpu": 2}
     with pytest.raises(ValueError, match="job_variables names architecture"):
         TrainConfig(archs=["resnet18"], pretrained=False, job_variables={"maxvit_t": {}})
+
+
+@pytest.mark.slow
+def test_fan_out_without_the_child_deployment_fails_before_any_data_work(prefect_harness, home,
+                                                                       tmp_path):
+    from flows.pipeline import skinsense_pipeline
+
+    config = PipelineConfig.model_validate({
+        "data": {"source": str(tmp_path / "sample")},
+        "train": {"archs": ["resnet18"], "pretrained": False, "fan_out": True}})
+    with pytest.raises(RuntimeError, match="needs the deployment train-architecture/"
+                                           "train-architecture.*stack up --workers"):
+        skinsense_pipeline(config=config)
+    assert not any(home.downloads.iterdir()) and not any(home.cache.iterdir())
+
+
+def test_stack_up_takes_a_worker_count():
+    from skinsense.cli import build_parser
+
+    assert build_parser().parse_args(["stack", "up", "--workers", "2"]).workers == 2
+    assert build_parser().parse_args(["stack", "up"]).workers == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["stack", "up", "--workers", "-1"])
 
 
 # -- end to end: two workers, one pool -----------------------------------------------------------

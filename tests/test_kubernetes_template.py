@@ -59,6 +59,7 @@ def test_the_gpu_job_variable_is_checked_like_the_server_does(template):
                      ignore_required=True)
 
 
+@pytest.mark.slow  # the shared Prefect test server takes ~15 s to start
 def test_the_worker_renders_a_job_that_asks_for_the_gpus(template, prefect_harness):
     # The worker resolves block references through the API: the shared test server.
     from prefect.client.schemas.objects import FlowRun
