@@ -32,17 +32,20 @@ def ensure_work_pool(name: str = WORK_POOL) -> bool:
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type=ProcessWorker.type,
-                base_job_template=ProcessWorker.get_default_base_job_template()))
-            return True
+            try:
+                client.create_work_pool(WorkPoolCreate(
+                    name=name, type=ProcessWorker.type,
+                    base_job_template=ProcessWorker.get_default_base_job_template()))
+                return True
+            except ObjectAlreadyExists:  # a process worker starting meanwhile created it
+                pool = client.read_work_pool(name)
     if pool.type != ProcessWorker.type:
         raise RuntimeError(f"work pool {name!r} exists with type {pool.type!r}; the local stack's "
                            f"workers are process workers. Delete it or use another server")

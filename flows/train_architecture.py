@@ -17,7 +17,7 @@ from skinsense.paths import Home
 from tasks import fanout, training
 
 
-@flow(name="train-architecture", flow_run_name="{request.arch}", log_prints=True,
+@flow(name="train-architecture", log_prints=True,
       persist_result=True, result_storage=child_result_storage(), result_serializer="json")
 def train_architecture(request: ArchRequest) -> ArchResult:
     """Check the data the pipeline prepared, train and evaluate one architecture, and hand

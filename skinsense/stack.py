@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,7 +326,7 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
     if unknown:
         raise ValueError(f"unknown stack part(s) {sorted(unknown)}; choose from {SERVICES}")
 
-    def launch(names: list[str]) -> None:
+    def launch(names: list[str], meanwhile=None) -> None:
         started = []
         for name in (n for n in names if n in parts or n.startswith(WORKER)):
             service = services[name]
@@ -336,14 +337,23 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
                 raise StackError(f"port {port} is already in use, so {name} cannot listen "
                                  f"on it; stop whatever uses it or choose another port")
             started.append((service, _start(service)))
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                for service, _ in started:
+                    _stop_pid(service.pid_file)
+                raise
         _wait_healthy(started, timeout_s)
 
     launch([PREFECT, MLFLOW])
+    worker_names = [f"{WORKER}-{i}" for i in range(1, workers + 1)]
     if workers:
         services.update(_worker_services(home, services[RUNNER], services[PREFECT].url, workers))
-        _prepare_pool(services[RUNNER], timeout_s)
-    launch([RUNNER])
-    launch([f"{WORKER}-{i}" for i in range(1, workers + 1)])
+    # The pool and its deployment are set up while the runner and the workers start up (a
+    # worker that is quicker creates the same process pool itself).
+    launch([RUNNER, *worker_names],
+           meanwhile=(lambda: _prepare_pool(services[RUNNER], timeout_s)) if workers else None)
     if with_app and APP in parts and champion_exists(services[MLFLOW].url):
         launch([APP])
     return status(home)
@@ -461,14 +471,17 @@ def down(home: Home | Path | str, *, timeout_s: float = 20.0) -> list[str]:
     services = _services(home, host=settings["host"], prefect_port=settings["prefect_port"],
                          mlflow_port=settings["mlflow_port"], app_port=settings["app_port"])
     services.update(_known_workers(home, services))
-    stopped = []
     workers = [name for name in services if name.startswith(WORKER)]
-    for name in (RUNNER, *workers, APP, MLFLOW, PREFECT):
-        # The runner and workers take ~20 s to finish their loops on SIGTERM while idle;
-        # their flow runs get SIGTERM directly (they are marked Crashed), so a short grace
-        # loses nothing.
-        grace = min(timeout_s, 5.0) if name == RUNNER or name in workers else timeout_s
-        if _stop_pid(services[name].pid_file, timeout_s=grace):
+    # The runner and the workers first, together, so that nothing takes new runs: they take
+    # ~20 s to finish their loops on SIGTERM while idle, and their flow runs get SIGTERM
+    # directly (they are marked Crashed), so a short grace loses nothing.
+    with ThreadPoolExecutor(max_workers=1 + len(workers)) as pool:
+        first = dict(zip((RUNNER, *workers), pool.map(
+            lambda name: _stop_pid(services[name].pid_file, timeout_s=min(timeout_s, 5.0)),
+            (RUNNER, *workers))))
+    stopped = [name for name, was_running in first.items() if was_running]
+    for name in (APP, MLFLOW, PREFECT):
+        if _stop_pid(services[name].pid_file, timeout_s=timeout_s):
             stopped.append(name)
     return stopped
 

@@ -282,6 +282,9 @@ def test_two_workers_train_the_architectures_of_one_pipeline_run(stack_with_two_
     assert len(set(workers.values())) == 2, workers  # one child on each worker
     pids = {c.infrastructure_pid for c in children.values()}
     assert len(pids) == 2
+    # ... at the same time: each started before the other ended.
+    assert max(c.start_time for c in children.values()) < min(c.end_time for c in children.values())
+    assert all(c.name == f"{run.name}-{arch}" for arch, c in children.items())
 
     mlflow = MlflowClient(tracking_uri=stack_with_two_workers["mlflow"],
                           registry_uri=stack_with_two_workers["mlflow"])
