@@ -7,8 +7,9 @@ it answers; `status` reports them; `down` stops them. Everything binds to loopba
 caller asks for another interface. No Docker is needed; for a team, see docker-compose.yml.
 
 This module only launches commands (`python -m prefect server start`, `python -m mlflow
-server`, `python -m deployments.serve`, `python -m skinsense.cli serve`) and talks HTTP to
-them, so `skinsense` keeps its rule of never importing the orchestrator.
+server`, `python -m deployments.serve`, `python -m skinsense.cli serve`, and with workers
+`python -m deployments.pool` and `python -m prefect worker start`) and talks HTTP to them,
+so `skinsense` keeps its rule of never importing the orchestrator.
 """
 
 from __future__ import annotations
@@ -300,9 +301,10 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
         parts: which parts to start (default all of `SERVICES`).
         timeout_s: how long each group of parts may take to answer.
         workers: process workers to start on the work pool `skinsense-gpu` (`worker-1`
-            ... `worker-N`), after creating the pool and deploying `train-architecture` on
-            it; they run the architectures of pipelines with `train.fan_out`. Workers
-            already running are left alone, and none is stopped.
+            ... `worker-N`, one flow run each at a time); meanwhile the pool is created if
+            missing and `train-architecture` is deployed on it. They run the architectures
+            of pipelines with `train.fan_out`. Workers already running are left alone, and
+            none is stopped.
 
     Returns:
         `status(home)` once everything answers.
@@ -316,11 +318,9 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
     sdir.mkdir(parents=True, exist_ok=True)
     services = _services(home, host=host, prefect_port=prefect_port, mlflow_port=mlflow_port,
                          app_port=app_port)
-    settings = json.dumps(
+    (sdir / "stack.json").write_text(json.dumps(
         {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port,
-         "app_port": app_port, "with_app": with_app,
-         "workers": workers}, indent=2)
-    (sdir / "stack.json").write_text(settings)
+         "app_port": app_port, "with_app": with_app, "workers": workers}, indent=2))
 
     unknown = set(parts) - set(SERVICES)
     if unknown:
