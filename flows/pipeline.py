@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from flows.local_server import temporary_server_settings
 from skinsense.config import PipelineConfig
 from skinsense.paths import Home
-from tasks import data, registry, reports, training
+from tasks import data, fanout, registry, reports, training
 
 
 @flow(name="skinsense-pipeline", log_prints=True)
@@ -22,6 +23,8 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
         refresh_data: run the data stages again instead of reusing their cached results.
     """
     home = Home.default().ensure().root
+    if config.train.fan_out:
+        fanout.check_work_pool()
 
     def cached(data_task):
         return data.with_home_cache(data_task, home, refresh=refresh_data)
@@ -43,15 +46,29 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
         "mlflow.runName": flow_run.get_name() or "pipeline"}, split=split, oversampled=oversampled)
     candidates = []
     try:
-        args = {arch: (caches[sizes[arch]], arch, config, home, oversampled.class_weights,
-                       parent_run_id, validated.fingerprint) for arch in config.train.archs}
-        if config.train.parallel_archs:
-            futures = {arch: training.train.submit(*a) for arch, a in args.items()}
-            trained = {arch: future.result() for arch, future in futures.items()}
+        if config.train.fan_out:
+            # One child run per architecture on the work pool; all are awaited, so one
+            # failure leaves the others to finish and be kept.
+            handoffs = {size: fanout.publish_data(cache, validated.fingerprint, home)
+                        for size, cache in caches.items()}
+            futures = [fanout.train_on_pool.submit(arch, handoffs[sizes[arch]], config,
+                                                   oversampled.class_weights, parent_run_id)
+                       for arch in config.train.archs]
+            wait(futures)
+            outcomes = [future.result() for future in futures]
+            candidates = fanout.receive_candidates(outcomes, home)
+            fanout.check_children(outcomes)
         else:
-            trained = {arch: training.train(*a) for arch, a in args.items()}
-        for arch, result in trained.items():
-            candidates.append(training.evaluate(result, caches[sizes[arch]], config.eval, home))
+            args = {arch: (caches[sizes[arch]], arch, config, home, oversampled.class_weights,
+                           parent_run_id, validated.fingerprint) for arch in config.train.archs}
+            if config.train.parallel_archs:
+                futures = {arch: training.train.submit(*a) for arch, a in args.items()}
+                trained = {arch: future.result() for arch, future in futures.items()}
+            else:
+                trained = {arch: training.train(*a) for arch, a in args.items()}
+            for arch, result in trained.items():
+                candidates.append(training.evaluate(result, caches[sizes[arch]], config.eval,
+                                                    home))
         training.compare(candidates, parent_run_id, home)
         reports.report_metrics(candidates, home)
         best = training.select_best(candidates, config.eval.metric)

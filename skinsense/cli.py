@@ -17,6 +17,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _csv_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -259,7 +266,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     if args.action == "up":
         records = stack.up(home, host=args.host, prefect_port=args.prefect_port,
                            mlflow_port=args.mlflow_port, app_port=args.app_port,
-                           with_app=not args.no_app)
+                           with_app=not args.no_app, workers=args.workers)
         print(stack.format_status(records))
         print(f"logs and pid files: {stack.stack_dir(home)}")
     elif args.action == "status":
@@ -269,6 +276,14 @@ def cmd_stack(args: argparse.Namespace) -> int:
     else:
         stopped = stack.down(home)
         print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_train_node(args: argparse.Namespace) -> int:
+    from skinsense.training.launcher import join_training
+
+    join_training(Path(args.spec))
+    print("this node's part of the training ended")
     return 0
 
 
@@ -350,7 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--app-port", type=int, default=7860)
     p.add_argument("--no-app", action="store_true", help="do not start the app")
+    p.add_argument("--workers", type=_non_negative, default=0, metavar="N",
+                   help="also start N process workers on the work pool skinsense-gpu (and "
+                        "deploy train-architecture there) for pipelines with train.fan_out")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("train-node",
+                       help="join a multi-node training (train.num_nodes > 1) from this machine")
+    p.add_argument("spec", help="the train_spec.json that the first node printed (on the "
+                                "shared SKINSENSE_HOME)")
+    p.set_defaults(func=cmd_train_node)
 
     p = sub.add_parser("deploy", help="Prefect deployments of the pipeline")
     p.add_argument("action", choices=["serve"],

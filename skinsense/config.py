@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -183,7 +183,39 @@ class TrainConfig(_Strict):
         "Prefect global concurrency limit 'gpu' (one slot per GPU); default one after another.",
     )
     devices: int = Field(
-        1, ge=1, description="GPUs to train on; more than 1 trains with DDP in child processes."
+        1, ge=1, description="GPUs to train on (per node); more than 1 trains with DDP in child "
+        "processes."
+    )
+    num_nodes: int = Field(
+        1, ge=1, le=64,
+        description="Machines that train one model together (DDP over torchrun's c10d "
+        "rendezvous at rdzv_endpoint, devices GPUs each); the others join with `skinsense "
+        "train-node` (docs/OPERATIONS.md). SKINSENSE_HOME must be shared by all of them.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="HOST:PORT of torchrun's c10d rendezvous when num_nodes > 1: an address of "
+        "one of the nodes (usually the one the flow runs on) that every node can reach.",
+    )
+    # Ten minutes is torchrun's default; the other nodes are started by hand, so give more.
+    rdzv_timeout_s: int = Field(
+        1800, ge=10,
+        description="How long the nodes of a multi-node training wait for each other at the "
+        "rendezvous before giving up.",
+    )
+    fan_out: bool = Field(
+        False,
+        description="Train each architecture in a child flow run of the deployment "
+        "'train-architecture/train-architecture' on the work pool 'skinsense-gpu', so workers "
+        "on several machines train them at the same time (parallel_archs does not apply). "
+        "Needs SKINSENSE_HOME on storage every worker mounts, and the Prefect and MLflow "
+        "servers (docs/OPERATIONS.md).",
+    )
+    job_variables: dict[str, dict[str, Any]] = Field(
+        {},
+        description="With fan_out: work-pool job variables of each architecture's child run, "
+        "by architecture name ('*' for all), e.g. {'maxvit_t': {'gpu': 2}} on a Kubernetes "
+        "pool or {'*': {'env': {'OMP_NUM_THREADS': '4'}}} on a process pool.",
     )
 
     @field_validator("archs")
@@ -209,6 +241,40 @@ class TrainConfig(_Strict):
         for arch in self.archs:
             check_image_size(arch, self.image_size or default_image_size(arch))
         return self
+
+    @model_validator(mode="after")
+    def _nodes_can_meet(self) -> TrainConfig:
+        if self.num_nodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"num_nodes={self.num_nodes} needs rdzv_endpoint as HOST:PORT (an address "
+                    f"of one of the nodes that all of them reach, e.g. gpu-1.lan:29400); got "
+                    f"{self.rdzv_endpoint!r}")
+        unknown = set(self.job_variables) - set(self.archs) - {"*"}
+        if unknown:
+            raise ValueError(f"job_variables names architecture(s) {sorted(unknown)} that are "
+                             f"not in archs {self.archs}; use those names or '*'")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: devices per node times nodes."""
+        return self.devices * self.num_nodes
+
+    def run_key(self) -> dict[str, Any]:
+        """The settings that decide what training produces (the key of its run folder).
+
+        Where and how it is scheduled (fan_out, job_variables, the rendezvous address and
+        timeout) changes nothing in the weights, so a training is reused across those. A
+        single node is left out of the key so that run folders made before multi-node
+        training existed are still found.
+        """
+        key = self.model_dump(mode="json", exclude={"fan_out", "job_variables", "num_nodes",
+                                                    "rdzv_endpoint", "rdzv_timeout_s"})
+        if self.num_nodes != 1:
+            key["num_nodes"] = self.num_nodes
+        return key
 
 
 class EvalConfig(_Strict):

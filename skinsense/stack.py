@@ -1,4 +1,5 @@
-"""The local stack: Prefect server, MLflow server, deployment runner and app on one machine.
+"""The local stack: Prefect server, MLflow server, deployment runner and app on one machine,
+and optionally process workers on the work pool `skinsense-gpu` (`--workers N`).
 
 `up` starts each part as a background process (its own session, so it outlives the shell
 that started it) with a pid file and a log under `SKINSENSE_HOME/stack/`, and waits until
@@ -6,8 +7,9 @@ it answers; `status` reports them; `down` stops them. Everything binds to loopba
 caller asks for another interface. No Docker is needed; for a team, see docker-compose.yml.
 
 This module only launches commands (`python -m prefect server start`, `python -m mlflow
-server`, `python -m deployments.serve`, `python -m skinsense.cli serve`) and talks HTTP to
-them, so `skinsense` keeps its rule of never importing the orchestrator.
+server`, `python -m deployments.serve`, `python -m skinsense.cli serve`, and with workers
+`python -m deployments.pool` and `python -m prefect worker start`) and talks HTTP to them,
+so `skinsense` keeps its rule of never importing the orchestrator.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,11 @@ MLFLOW = "mlflow-server"
 RUNNER = "runner"
 APP = "app"
 SERVICES = (PREFECT, MLFLOW, RUNNER, APP)
+
+# Process workers of the work pool: `worker-1`, `worker-2`, ... (`up(workers=N)`); they run
+# the `train-architecture` child runs of pipelines with train.fan_out.
+WORKER = "worker"
+WORK_POOL = "skinsense-gpu"
 
 # The pipeline registers its model under this name (ServeConfig.model_name).
 MODEL_NAME = "skinsense"
@@ -182,6 +190,63 @@ def _start(service: _Service) -> subprocess.Popen:
     return process
 
 
+def _worker_services(home: Home, runner: _Service, prefect_url: str,
+                     count: int) -> dict[str, _Service]:
+    """`count` process workers of the pool, each with its own name, pid file and log.
+
+    Each takes one flow run at a time (`--limit 1`): one training per worker, so the
+    architectures of a fanned-out pipeline spread over the workers instead of queueing on one.
+    """
+    sdir = stack_dir(home)
+    workers = {}
+    for index in range(1, count + 1):
+        name = f"{WORKER}-{index}"
+        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
+               "--type", "process", "--name", f"{socket.gethostname()}-{name}", "--limit", "1"]
+        workers[name] = _Service(name, cmd, runner.env,
+                                 f"{prefect_url}/work-pools/work-pool/{WORK_POOL}",
+                                 f"{prefect_url}/api/work_pools/{WORK_POOL}/workers/filter",
+                                 sdir / f"{name}.pid", sdir / f"{name}.log", project_root())
+    return workers
+
+
+def _worker_online(service: _Service) -> bool:
+    """Whether the Prefect server lists this worker of the pool as ONLINE."""
+    worker_name = service.cmd[service.cmd.index("--name") + 1]
+    request = urllib.request.Request(service.health_url, data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            workers = json.load(response)
+    except (OSError, ValueError):
+        return False
+    return any(w.get("name") == worker_name and w.get("status") == "ONLINE" for w in workers)
+
+
+def _answers(service: _Service) -> bool:
+    return _worker_online(service) if service.name.startswith(WORKER) else \
+        _http_ok(service.health_url)
+
+
+def _prepare_pool(runner: _Service, timeout_s: float) -> None:
+    """Create the work pool and deploy `train-architecture` on it (`deployments.pool`)."""
+    log_file = runner.log_file.with_name("pool.log")
+    with open(log_file, "ab") as log:
+        log.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} python -m deployments.pool\n"
+                  .encode())
+        log.flush()
+        try:
+            done = subprocess.run([sys.executable, "-m", "deployments.pool"], stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  cwd=project_root(), env=runner.env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            done = None
+    if done is None or done.returncode != 0:
+        raise StackError(f"creating the work pool {WORK_POOL} and its train-architecture "
+                         f"deployment failed; see {log_file}\n--- end of {log_file} ---\n"
+                         f"{_log_tail(log_file)}")
+
+
 def _wait_healthy(services: list[tuple[_Service, subprocess.Popen]], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(services)
@@ -193,7 +258,7 @@ def _wait_healthy(services: list[tuple[_Service, subprocess.Popen]], timeout_s: 
                     f"{service.name} exited with code {process.returncode} while starting; "
                     f"see {service.log_file}\n--- end of {service.log_file} ---\n"
                     f"{_log_tail(service.log_file)}")
-            if _http_ok(service.health_url):
+            if _answers(service):
                 pending.remove((service, process))
         if not pending:
             return
@@ -222,7 +287,8 @@ def champion_exists(mlflow_url: str, model_name: str = MODEL_NAME) -> bool:
 
 def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 4200,
        mlflow_port: int = 5000, app_port: int = 7860, with_app: bool = True,
-       parts: tuple[str, ...] = SERVICES, timeout_s: float = 180.0) -> list[dict]:
+       parts: tuple[str, ...] = SERVICES, timeout_s: float = 180.0,
+       workers: int = 0) -> list[dict]:
     """Start the stack (parts already running are left alone) and wait until it answers.
 
     Args:
@@ -234,6 +300,11 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
             pipeline run starts it).
         parts: which parts to start (default all of `SERVICES`).
         timeout_s: how long each group of parts may take to answer.
+        workers: process workers to start on the work pool `skinsense-gpu` (`worker-1`
+            ... `worker-N`, one flow run each at a time); meanwhile the pool is created if
+            missing and `train-architecture` is deployed on it. They run the architectures
+            of pipelines with `train.fan_out`. Workers already running are left alone, and
+            none is stopped.
 
     Returns:
         `status(home)` once everything answers.
@@ -249,27 +320,40 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
                          app_port=app_port)
     (sdir / "stack.json").write_text(json.dumps(
         {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port,
-         "app_port": app_port, "with_app": with_app}, indent=2))
+         "app_port": app_port, "with_app": with_app, "workers": workers}, indent=2))
 
     unknown = set(parts) - set(SERVICES)
     if unknown:
         raise ValueError(f"unknown stack part(s) {sorted(unknown)}; choose from {SERVICES}")
 
-    def launch(names: list[str]) -> None:
+    def launch(names: list[str], meanwhile=None) -> None:
         started = []
-        for name in (n for n in names if n in parts):
+        for name in (n for n in names if n in parts or n.startswith(WORKER)):
             service = services[name]
             if _running(service):
                 continue
             port = int(urllib.parse.urlsplit(service.url).port or 0)
-            if port and name != RUNNER and _port_in_use(host, port):
+            if port and name in (PREFECT, MLFLOW, APP) and _port_in_use(host, port):
                 raise StackError(f"port {port} is already in use, so {name} cannot listen "
                                  f"on it; stop whatever uses it or choose another port")
             started.append((service, _start(service)))
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                for service, _ in started:
+                    _stop_pid(service.pid_file)
+                raise
         _wait_healthy(started, timeout_s)
 
     launch([PREFECT, MLFLOW])
-    launch([RUNNER])
+    worker_names = [f"{WORKER}-{i}" for i in range(1, workers + 1)]
+    if workers:
+        services.update(_worker_services(home, services[RUNNER], services[PREFECT].url, workers))
+    # The pool and its deployment are set up while the runner and the workers start up (a
+    # worker that is quicker creates the same process pool itself).
+    launch([RUNNER, *worker_names],
+           meanwhile=(lambda: _prepare_pool(services[RUNNER], timeout_s)) if workers else None)
     if with_app and APP in parts and champion_exists(services[MLFLOW].url):
         launch([APP])
     return status(home)
@@ -280,7 +364,7 @@ def _settings(home: Home) -> dict:
         return json.loads((stack_dir(home) / "stack.json").read_text())
     except (OSError, ValueError):
         return {"host": "127.0.0.1", "prefect_port": 4200, "mlflow_port": 5000,
-                "app_port": 7860, "with_app": True}
+                "app_port": 7860, "with_app": True, "workers": 0}
 
 
 def status(home: Home | Path | str) -> list[dict]:
@@ -301,7 +385,22 @@ def status(home: Home | Path | str) -> list[dict]:
             record["note"] = ("starts after the first pipeline run registers a champion"
                               if not champion_exists(services[MLFLOW].url) else "not running")
         records.append(record)
+    for service in _known_workers(home, services).values():
+        pid = _read_pid(service.pid_file)
+        running = pid is not None and pid_alive(pid)
+        records.append({"name": service.name, "pid": pid if running else None,
+                        "running": running, "healthy": running and _worker_online(service),
+                        "url": service.url, "log": str(service.log_file)})
     return records
+
+
+def _known_workers(home: Home, services: dict[str, _Service]) -> dict[str, _Service]:
+    """The workers `stack.json` records and any whose pid file is still there."""
+    count = _settings(home).get("workers", 0)
+    for pid_file in stack_dir(home).glob(f"{WORKER}-*.pid"):
+        suffix = pid_file.stem.removeprefix(f"{WORKER}-")
+        count = max(count, int(suffix) if suffix.isdigit() else 0)
+    return _worker_services(home, services[RUNNER], services[PREFECT].url, count)
 
 
 def _children(pid: int) -> list[int]:
@@ -371,12 +470,18 @@ def down(home: Home | Path | str, *, timeout_s: float = 20.0) -> list[str]:
     settings = _settings(home)
     services = _services(home, host=settings["host"], prefect_port=settings["prefect_port"],
                          mlflow_port=settings["mlflow_port"], app_port=settings["app_port"])
-    stopped = []
-    for name in (RUNNER, APP, MLFLOW, PREFECT):
-        # The runner takes ~20 s to finish its loops on SIGTERM while idle; its flow runs get
-        # SIGTERM directly (they are marked Crashed), so a short grace loses nothing.
-        grace = min(timeout_s, 5.0) if name == RUNNER else timeout_s
-        if _stop_pid(services[name].pid_file, timeout_s=grace):
+    services.update(_known_workers(home, services))
+    workers = [name for name in services if name.startswith(WORKER)]
+    # The runner and the workers first, together, so that nothing takes new runs: they take
+    # ~20 s to finish their loops on SIGTERM while idle, and their flow runs get SIGTERM
+    # directly (they are marked Crashed), so a short grace loses nothing.
+    with ThreadPoolExecutor(max_workers=1 + len(workers)) as pool:
+        first = dict(zip((RUNNER, *workers), pool.map(
+            lambda name: _stop_pid(services[name].pid_file, timeout_s=min(timeout_s, 5.0)),
+            (RUNNER, *workers))))
+    stopped = [name for name, was_running in first.items() if was_running]
+    for name in (APP, MLFLOW, PREFECT):
+        if _stop_pid(services[name].pid_file, timeout_s=timeout_s):
             stopped.append(name)
     return stopped
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig, ServeConfig
 from skinsense.evaluation import EvalResult
+from skinsense.handoff import ArchRequest, ArchResult, DataHandoff
 from skinsense.data.records import (
     FetchedData,
     ImageCache,
@@ -143,7 +144,7 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
         parent_run_id, name=arch, config={"arch": arch, "image_size": cache.size,
                                           **cfg.train.model_dump(mode="json")},
         tags={"dataset_fingerprint": fingerprint, "split_seed": str(cfg.data.split_seed)})
-    out_dir = home.runs / _digest(cache.key, arch, cfg.train.model_dump(mode="json"))[:16]
+    out_dir = home.runs / _digest(cache.key, arch, cfg.train.run_key())[:16]
     try:
         # A child process per architecture: the flow process is never re-executed, GPU memory
         # is freed between architectures, and a crash stays in the child.
@@ -307,3 +308,97 @@ def deploy_champion(cfg: ServeConfig, home: Home, *, expected_version: str | Non
                       app_dir=home.app, host=cfg.host, port=cfg.port,
                       env={"MLFLOW_TRACKING_URI": uri, "SKINSENSE_HOME": str(home.root)},
                       startup_timeout_s=cfg.startup_timeout_s, serve_config=cfg)
+
+
+# -- fan-out over the work pool (train.fan_out) --------------------------------------------------
+
+
+class ChildOutcome(BaseModel):
+    """How one architecture's child flow run ended, as the pipeline saw it."""
+
+    arch: str
+    flow_run_id: str
+    flow_run_name: str
+    state: str                       # the final state's name: Completed, Failed, Crashed...
+    message: str | None = None
+    worker: str | None = None        # the Prefect worker that ran it, when known
+    result: ArchResult | None = None  # only when Completed and its result could be read
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+class FanOutError(RuntimeError):
+    """At least one architecture's child run did not complete; the message names each."""
+
+
+def publish_data(cache: ImageCache, fingerprint: str, home: Home) -> DataHandoff:
+    """The image cache, recorded for child runs on other workers (see `skinsense.handoff`)."""
+    from skinsense.handoff import publish_cache
+
+    return publish_cache(cache, fingerprint, home)
+
+
+def job_variables_for(cfg: PipelineConfig, arch: str) -> dict:
+    """The work-pool job variables of `arch`'s child run: '*' entries, then the arch's own
+    (an `env` in both is merged)."""
+    common, own = cfg.train.job_variables.get("*", {}), cfg.train.job_variables.get(arch, {})
+    merged = {**common, **own}
+    if isinstance(common.get("env"), dict) and isinstance(own.get("env"), dict):
+        merged["env"] = {**common["env"], **own["env"]}
+    return merged
+
+
+def receive_data(request: ArchRequest, home: Home) -> ImageCache:
+    """In a child run: the parent's image cache under this worker's home, verified against
+    the data fingerprint and checksums the parent recorded."""
+    from skinsense.handoff import receive_cache
+
+    return receive_cache(request.data, home)
+
+
+def publish_candidate(candidate: Candidate, home: Home) -> ArchResult:
+    """In a child run: log the model folder to MLflow and return what the parent needs."""
+    from skinsense import tracking
+    from skinsense.handoff import publish_candidate as publish
+
+    tracking.configure(home)
+    return publish(candidate.arch, candidate.run_id, candidate.image_size,
+                   candidate.test_metrics, candidate.evaluation, candidate.model_dir, home)
+
+
+def receive_candidates(outcomes: list[ChildOutcome], home: Home) -> list[Candidate]:
+    """The candidates of the child runs that completed, with their model folders here."""
+    from skinsense import tracking
+    from skinsense.handoff import rebase_evaluation, receive_model_dir
+
+    tracking.configure(home)
+    candidates = []
+    for outcome in outcomes:
+        if outcome.result is None:
+            continue
+        result = outcome.result
+        model_dir = receive_model_dir(result, home)
+        candidates.append(Candidate(arch=result.arch, model_dir=model_dir, run_id=result.run_id,
+                                    image_size=result.image_size,
+                                    test_metrics=result.test_metrics,
+                                    evaluation=rebase_evaluation(result, home, model_dir)))
+    return candidates
+
+
+def check_children(outcomes: list[ChildOutcome]) -> None:
+    """Raise `FanOutError` naming every child run that did not complete, and why."""
+    failed = [o for o in outcomes if not o.ok]
+    if not failed:
+        return
+    lines = [f"- {o.arch}: child run '{o.flow_run_name}' ({o.flow_run_id}) ended {o.state}"
+             + (f" on {o.worker}" if o.worker else "") + f": {o.message or 'no message'}"
+             for o in failed]
+    kept = [f"{o.arch} (MLflow run {o.result.run_id}, trained on {o.result.worker})"
+            for o in outcomes if o.result is not None]
+    raise FanOutError(
+        f"{len(failed)} of {len(outcomes)} architecture(s) failed to train on the work pool:\n"
+        + "\n".join(lines)
+        + ("\nThe others finished; their runs and models are kept: " + ", ".join(kept)
+           + ". A new pipeline run reuses their finished trainings." if kept else ""))

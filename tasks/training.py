@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import task
@@ -30,10 +31,13 @@ def _not_diverged(task, task_run, state) -> bool:
       retry_condition_fn=_not_diverged)
 def train(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Path,
           class_weights: list[float] | None, parent_run_id: str,
-          fingerprint: str) -> stages.TrainedArch:
+          fingerprint: str, gpu_limit: str | None = "gpu") -> stages.TrainedArch:
     # Where the limit 'gpu' exists (the stack and compose create it), it holds one slot per
-    # GPU; without it (embedded runs) training proceeds unthrottled.
-    with concurrency("gpu", occupy=cfg.train.devices, strict=False):
+    # GPU; without it (embedded runs) training proceeds unthrottled. Fanned-out children pass
+    # None: the limit counts one machine's GPUs, and each machine's own GPU locks
+    # (skinsense.training.gpus) already keep trainings apart there.
+    with (concurrency(gpu_limit, occupy=cfg.train.devices, strict=False) if gpu_limit
+          else nullcontext()):
         return stages.train_architecture(cache, arch, cfg, Home(home),
                                          class_weights=class_weights,
                                          parent_run_id=parent_run_id, fingerprint=fingerprint)

@@ -29,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_prefect_yaml_matches_the_definitions(prefect_file):
     spec = yaml.safe_load((ROOT / prefect_file).read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
+    # The fan-out child: on the same pool, started only by the pipeline (no schedule).
+    child = by_name.pop(definitions.TRAIN_DEPLOYMENT_NAME)
+    assert child["entrypoint"] == definitions.TRAIN_FLOW_ENTRYPOINT
+    assert child["work_pool"]["name"] == definitions.WORK_POOL
+    assert child["enforce_parameter_schema"] is True and child["schedules"] == []
     assert set(by_name) == set(definitions.DEPLOYMENTS)
     for name, deployment in by_name.items():
         assert deployment["entrypoint"] == definitions.FLOW_ENTRYPOINT

@@ -10,6 +10,13 @@ the child is given `devices` GPUs that no other training on this machine holds
 The child is `python -m skinsense.training.worker SPEC` (see `worker.py`), or torchrun of the
 same module with `devices > 1`. Its output is copied to this process's stdout line by
 line, so Prefect's log capture and a terminal see the epochs as they end.
+
+With `num_nodes > 1` the torchrun agent started here is one of several: every node runs the
+same command (c10d rendezvous at `rdzv_endpoint`, the run folder's name as rendezvous id),
+the others through `skinsense train-node SPEC` (`join_training`), which reads the spec this
+node wrote into the shared run folder. torchrun ranks the nodes itself, so global rank 0,
+which writes checkpoints, the model folder and the result, may be on any of them: the run
+folder must be on storage every node mounts at the same path (a shared SKINSENSE_HOME).
 """
 
 from __future__ import annotations
@@ -68,14 +75,37 @@ def check_devices(cfg: TrainConfig) -> None:
 
 
 def worker_command(spec_path: Path, cfg: TrainConfig) -> list[str]:
-    """The child's command line: torchrun with one process per device when `devices > 1`."""
+    """The child's command line: torchrun with one process per device when `devices > 1`,
+    and the same multi-node torchrun command on every node when `num_nodes > 1`."""
     module = ["-m", "skinsense.training.worker", str(spec_path)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if cfg.num_nodes > 1:
+        check_devices(cfg)
+        return [*torchrun, *rendezvous_args(cfg, run_id=Path(spec_path).parent.name), *module]
     if cfg.devices > 1:
         check_devices(cfg)
         # --standalone: a private rendezvous on a free port, so runs on one host never clash.
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={cfg.devices}", *module]
+        return [*torchrun, "--standalone", f"--nproc_per_node={cfg.devices}", *module]
     return [sys.executable, *module]
+
+
+def rendezvous_args(cfg: TrainConfig, *, run_id: str) -> list[str]:
+    """torchrun's arguments for `cfg.num_nodes` nodes meeting at `cfg.rdzv_endpoint`.
+
+    The c10d backend needs no etcd: the agent on the endpoint's host serves the rendezvous
+    store. `run_id` (the run folder's name) is the same on every node and differs between
+    trainings, so two multi-node trainings through one endpoint never join each other.
+    A failed rank is not restarted: a retry of the train task resumes from the checkpoint.
+    """
+    return [f"--nnodes={cfg.num_nodes}", f"--nproc-per-node={cfg.devices}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+            f"--rdzv-id={run_id}", f"--rdzv-conf=join_timeout={cfg.rdzv_timeout_s}",
+            "--max-restarts=0"]
+
+
+def join_command(spec_path: Path) -> str:
+    """What to run on each other node of a multi-node training."""
+    return f"skinsense train-node {spec_path}"
 
 
 def train_in_subprocess(
@@ -117,16 +147,19 @@ def train_in_subprocess(
     spec = {"cache": cache.model_dump(mode="json"), "arch": arch,
             "cfg": cfg.model_dump(mode="json"), "out_dir": str(out_dir),
             "class_weights": class_weights, "card_extra": card_extra,
-            "mlflow_run_id": mlflow_run_id, "result": str(result_path)}
-    spec_path.write_text(json.dumps(spec, indent=1))
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+            "mlflow_run_id": mlflow_run_id, "result": str(result_path),
+            # Rank 0 may run on another node (multi-node): it needs the same MLflow store.
+            "env": env or {}}
+    # The other nodes of a multi-node training read it too: written whole or not at all.
+    tmp = spec_path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(spec, indent=1))
+    os.replace(tmp, spec_path)
     command = worker_command(spec_path, cfg)
-    gpus = visible_gpus() if cfg.may_use_cuda else []
-    with (reserve_gpus(cfg.devices, gpus, lock_dir=gpu_lock_dir, on_wait=_say) if gpus
-          else contextlib.nullcontext()) as held:
-        if held:
-            child_env["CUDA_VISIBLE_DEVICES"] = ",".join(held)
-        returncode, tail = _run_streaming(command, child_env)
+    if cfg.num_nodes > 1:
+        _say(f"multi-node training of {arch}: this machine is one of {cfg.num_nodes} nodes "
+             f"meeting at {cfg.rdzv_endpoint} (waiting up to {cfg.rdzv_timeout_s} s); start "
+             f"each of the other {cfg.num_nodes - 1} with:\n  {join_command(spec_path)}")
+    returncode, tail = _run_on_this_node(command, cfg, env or {}, gpu_lock_dir)
     if returncode != 0:
         # The last line of a Python crash is the exception itself: lead with it.
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
@@ -138,6 +171,63 @@ def train_in_subprocess(
         raise TrainingFailed(f"training {arch} ended without writing {result_path}; its last "
                              f"output:\n{tail}", returncode=returncode, output_tail=tail)
     return TrainResult.model_validate_json(result_path.read_text())
+
+
+def join_training(spec_path: Path, *, gpu_lock_dir: Path = DEFAULT_LOCK_DIR) -> None:
+    """Run this node's part of a multi-node training that another node started.
+
+    Starts the same torchrun agent as the node that wrote `spec_path` (see `worker_command`)
+    and returns when the training ends on every node.
+
+    Args:
+        spec_path: The run folder's `train_spec.json`, on the shared SKINSENSE_HOME.
+        gpu_lock_dir: Per-GPU lock files of this machine (see `skinsense.training.gpus`).
+
+    Raises:
+        FileNotFoundError: The spec or the image cache is not where the spec says: the
+            shared storage is not mounted here, or not at the same path.
+        ValueError: The spec is not a multi-node training.
+        TrainingFailed: This node's agent exited with an error.
+    """
+    spec_path = Path(spec_path).resolve()
+    if not spec_path.is_file():
+        raise FileNotFoundError(
+            f"no training spec at {spec_path}: pass the path printed by the node that started "
+            f"the training, with the shared SKINSENSE_HOME mounted at the same path here")
+    spec = json.loads(spec_path.read_text())
+    cfg = TrainConfig.model_validate(spec["cfg"])
+    if cfg.num_nodes < 2:
+        raise ValueError(f"{spec_path} is a training on one node (num_nodes=1); there is "
+                         f"nothing to join")
+    cache = ImageCache.model_validate(spec["cache"])
+    missing = [str(p) for p in (cache.train.images_npy, cache.train.labels_npy,
+                                cache.val.images_npy, cache.val.labels_npy) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"the image cache of this training is not on this machine ({', '.join(missing)}): "
+            f"mount the shared SKINSENSE_HOME at the same path on every node")
+    _say(f"joining the multi-node training of {spec['arch']} at {cfg.rdzv_endpoint} as one of "
+         f"{cfg.num_nodes} nodes")
+    returncode, tail = _run_on_this_node(worker_command(spec_path, cfg), cfg,
+                                         spec.get("env") or {}, gpu_lock_dir)
+    if returncode != 0:
+        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        raise TrainingFailed(
+            f"this node's part of training {spec['arch']} failed (exit status {returncode}): "
+            f"{last}\n--- its last output ---\n{tail}", returncode=returncode,
+            output_tail=tail)
+
+
+def _run_on_this_node(command: list[str], cfg: TrainConfig, env: dict[str, str],
+                      gpu_lock_dir: Path) -> tuple[int, str]:
+    """Run a training command on GPUs of this machine no other training holds."""
+    child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    gpus = visible_gpus() if cfg.may_use_cuda else []
+    with (reserve_gpus(cfg.devices, gpus, lock_dir=gpu_lock_dir, on_wait=_say) if gpus
+          else contextlib.nullcontext()) as held:
+        if held:
+            child_env["CUDA_VISIBLE_DEVICES"] = ",".join(held)
+        return _run_streaming(command, child_env)
 
 
 def _say(message: str) -> None:

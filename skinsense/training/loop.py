@@ -143,15 +143,17 @@ def resolve_precision(cfg: TrainConfig, *, cuda: bool) -> str:
 
 
 def make_fabric(cfg: TrainConfig) -> L.Fabric:
-    """The Fabric for `cfg`: DDP when `devices > 1` (inside torchrun's processes only)."""
+    """The Fabric for `cfg`: DDP over `devices` x `num_nodes` processes when that is more
+    than one (inside torchrun's processes only)."""
     cuda = cfg.may_use_cuda and torch.cuda.is_available()
-    if cfg.devices > 1 and "LOCAL_RANK" not in os.environ:
+    if cfg.world_size > 1 and "LOCAL_RANK" not in os.environ:
         raise RuntimeError(
-            f"devices={cfg.devices} needs one process per device: train with "
-            f"skinsense.training.launcher.train_in_subprocess (it starts torchrun), not fit()"
+            f"devices={cfg.devices} on num_nodes={cfg.num_nodes} needs one process per device: "
+            f"train with skinsense.training.launcher.train_in_subprocess (it starts torchrun), "
+            f"not fit()"
         )
-    return L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices,
-                    strategy="ddp" if cfg.devices > 1 else "auto",
+    return L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                    strategy="ddp" if cfg.world_size > 1 else "auto",
                     precision=resolve_precision(cfg, cuda=cuda))  # type: ignore[arg-type]
 
 
@@ -290,7 +292,7 @@ def fit(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     fabric = make_fabric(cfg)
-    if cfg.devices > 1:
+    if cfg.world_size > 1:
         fabric.launch()  # inside torchrun's processes this only joins the process group
     fabric.seed_everything(cfg.seed)
     model, optimizer, scheduler, train_loader, val_loader, reseed, (train_preset, eval_preset) = (

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from skinsense.config import TrainConfig
 from skinsense.data.records import ImageCache
 from skinsense.training.loop import EpochCallback, fit
@@ -44,6 +46,10 @@ def main(spec_path: str) -> None:
         tmp = result_path.with_suffix(".tmp")
         tmp.write_text(result.model_dump_json(indent=1))
         os.replace(tmp, result_path)  # the parent never reads half a file
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Rank 0 may be on another node than the one that reads the result (multi-node):
+        # no agent ends before the result is written.
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":
