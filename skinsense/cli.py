@@ -110,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model_uri, host=args.host, port=args.port)
     except MlflowException as exc:
+        if refused := tracking.refusal_message(exc, uri):
+            raise RuntimeError(refused) from exc
         raise RuntimeError(
             f"cannot load {args.model_uri!r} from MLflow at {uri}: {exc.message}. Pass a "
             f"registered model URI (models:/NAME@champion, models:/NAME/VERSION; "
@@ -119,10 +121,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from skinsense import registry, tracking
+    from mlflow.exceptions import MlflowException
+
+    from skinsense import tracking
     from skinsense.paths import Home
 
-    tracking.configure(Home.default())
+    uri = tracking.configure(Home.default())
+    try:
+        return _registry_action(args)
+    except MlflowException as exc:
+        if refused := tracking.refusal_message(exc, uri):
+            raise RuntimeError(refused) from exc
+        raise
+
+
+def _registry_action(args: argparse.Namespace) -> int:
+    from skinsense import registry
+
     if args.action == "show":
         _print_versions(args.name, registry.show(args.name))
     elif args.action == "promote":

@@ -228,3 +228,22 @@ def test_cli_registry_show_promote_rollback(tmp_path, store, capsys):
     assert registry.current_champion("skin") == first.version
     assert main(["registry", "rollback", "--name", "skin"]) == 1
     assert "no earlier champion" in capsys.readouterr().err
+
+
+def test_an_unreadable_registry_is_not_taken_for_no_champion(store, monkeypatch):
+    """A refused login or a server error must not look like "no champion yet" (a new
+    version would then be promoted over a champion that was only unreadable)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import UNAUTHENTICATED
+
+    assert registry.current_champion("skin") is None  # truly none: no such model
+
+    def refused(self, *args, **kwargs):
+        raise MlflowException("You are not authenticated.", error_code=UNAUTHENTICATED)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", refused)
+    monkeypatch.setattr(MlflowClient, "get_registered_model", refused)
+    with pytest.raises(MlflowException, match="not authenticated"):
+        registry.current_champion("skin")
+    with pytest.raises(MlflowException, match="not authenticated"):
+        registry.show("skin")

@@ -103,7 +103,7 @@ def manual_runs(client, deployment_id) -> list:
         id=DeploymentFilterId(any_=[deployment_id])))
 
 
-def test_strangers_get_401_and_change_nothing(team_stack):
+def test_strangers_get_401_and_change_nothing(team_stack, capsys):
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
@@ -161,6 +161,27 @@ def test_strangers_get_401_and_change_nothing(team_stack):
     assert admin.get_experiment_by_name("intruder") is None
     assert answer("GET", f"{mlflow}/api/2.0/mlflow/users/get", credentials.mlflow_headers(),
                   params={"username": "intruder"}).status_code == 404
+
+    # The CLI says what is missing instead of "no such model".
+    import mlflow
+
+    from skinsense.cli import main
+
+    uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_url := team_stack["mlflow"])
+        mp.delenv("MLFLOW_TRACKING_USERNAME")
+        mp.delenv("MLFLOW_TRACKING_PASSWORD")
+        try:
+            assert main(["registry", "show"]) == 1
+            assert f"MLflow at {mlflow_url} asks for a login" in capsys.readouterr().err
+            mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            mp.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password-at-all")
+            assert main(["registry", "rollback"]) == 1
+            assert "refused the login of 'admin'" in capsys.readouterr().err
+        finally:
+            mlflow.set_tracking_uri(uris[0])
+            mlflow.set_registry_uri(uris[1])
 
     # `stack up` given an admin password the user database was not created with: a clear
     # refusal, and the stored login that works is kept.
