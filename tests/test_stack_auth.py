@@ -104,6 +104,7 @@ def test_headers_are_what_the_servers_expect():
     assert base64.b64decode(token).decode() == "admin:a-long-mlflow-secret"
 
 
+@pytest.mark.slow  # importing MLflow's server package takes seconds
 def test_mlflow_reads_the_auth_config_we_write(tmp_path, monkeypatch):
     from mlflow.server.auth.config import read_auth_config
 
