@@ -170,7 +170,12 @@ def _services(home: Home, *, host: str, prefect_port: int, mlflow_port: int,
     if prefect_database_url:
         prefect_env[stack_auth.PREFECT_DATABASE_ENV] = prefect_database_url
     mlflow_env = {**common, stack_auth.MLFLOW_BACKEND_STORE_ENV:
-                  mlflow_backend_store_uri or default_mlflow_backend_store(home)}
+                  mlflow_backend_store_uri or default_mlflow_backend_store(home),
+                  # MLflow's job runner (seven huey processes for GenAI jobs SkinSense never
+                  # submits) costs memory and holds up `stack down` by 10-20 s; opt back in by
+                  # setting the variable.
+                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
+                  os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     mlflow_auth_args: list[str] = []
     if credentials:
         mlflow_env |= {**credentials.mlflow_server_env(),

@@ -163,25 +163,25 @@ def test_strangers_get_401_and_change_nothing(team_stack, capsys):
                   params={"username": "intruder"}).status_code == 404
 
     # The CLI says what is missing instead of "no such model".
-    import mlflow
+    import mlflow as mlflow_lib
 
     from skinsense.cli import main
 
-    uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uris = mlflow_lib.get_tracking_uri(), mlflow_lib.get_registry_uri()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_url := team_stack["mlflow"])
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow)
         mp.delenv("MLFLOW_TRACKING_USERNAME")
         mp.delenv("MLFLOW_TRACKING_PASSWORD")
         try:
             assert main(["registry", "show"]) == 1
-            assert f"MLflow at {mlflow_url} asks for a login" in capsys.readouterr().err
+            assert f"MLflow at {mlflow} asks for a login" in capsys.readouterr().err
             mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
             mp.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password-at-all")
             assert main(["registry", "rollback"]) == 1
             assert "refused the login of 'admin'" in capsys.readouterr().err
-        finally:
-            mlflow.set_tracking_uri(uris[0])
-            mlflow.set_registry_uri(uris[1])
+        finally:  # main() pointed this process's MLflow at the server
+            mlflow_lib.set_tracking_uri(uris[0])
+            mlflow_lib.set_registry_uri(uris[1])
 
     # `stack up` given an admin password the user database was not created with: a clear
     # refusal, and the stored login that works is kept.
