@@ -5,9 +5,15 @@
 set -eu
 until python - <<'PY'
 import os, sys, urllib.parse, urllib.request
+from skinsense.stack_auth import basic_auth_header
 query = urllib.parse.urlencode({"name": os.environ.get("SKINSENSE_MODEL_NAME", "skinsense"), "alias": "champion"})
+# MLflow's basic-auth app answers 401 without the login.
+headers = (basic_auth_header(os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+           if os.environ.get("MLFLOW_TRACKING_USERNAME") else {})
 try:
-    urllib.request.urlopen(f"{os.environ['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/registered-models/alias?{query}", timeout=5)
+    urllib.request.urlopen(urllib.request.Request(
+        f"{os.environ['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/registered-models/alias?{query}",
+        headers=headers), timeout=30)
 except Exception:
     sys.exit(1)
 PY

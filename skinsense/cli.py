@@ -157,6 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.model_uri, host=args.host, port=args.port)
     except MlflowException as exc:
+        if refused := tracking.refusal_message(exc, uri):
+            raise RuntimeError(refused) from exc
         raise RuntimeError(
             f"cannot load {args.model_uri!r} from MLflow at {uri}: {exc.message}. Pass a "
             f"registered model URI (models:/NAME@champion, models:/NAME/VERSION; "
@@ -166,10 +168,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from skinsense import registry, tracking
+    from mlflow.exceptions import MlflowException
+
+    from skinsense import tracking
     from skinsense.paths import Home
 
-    tracking.configure(Home.default())
+    uri = tracking.configure(Home.default())
+    try:
+        return _registry_action(args)
+    except MlflowException as exc:
+        if refused := tracking.refusal_message(exc, uri):
+            raise RuntimeError(refused) from exc
+        raise
+
+
+def _registry_action(args: argparse.Namespace) -> int:
+    from skinsense import registry
+
     if args.action == "show":
         _print_versions(args.name, registry.show(args.name))
     elif args.action == "promote":
@@ -266,12 +281,18 @@ def cmd_stack(args: argparse.Namespace) -> int:
     if args.action == "up":
         records = stack.up(home, host=args.host, prefect_port=args.prefect_port,
                            mlflow_port=args.mlflow_port, app_port=args.app_port,
-                           with_app=not args.no_app, workers=args.workers)
+                           with_app=not args.no_app, workers=args.workers,
+                           prefect_database_url=args.prefect_database_url,
+                           mlflow_backend_store_uri=args.mlflow_backend_store_uri,
+                           mlflow_auth_database_uri=args.mlflow_auth_database_uri,
+                           auth=args.auth)
         print(stack.format_status(records))
+        print(_stack_settings(stack.describe(home)))
         print(f"logs and pid files: {stack.stack_dir(home)}")
     elif args.action == "status":
         records = stack.status(home)
         print(stack.format_status(records))
+        print(_stack_settings(stack.describe(home)))
         return 0 if all(r["running"] for r in records if r["name"] != stack.APP) else 3
     else:
         stopped = stack.down(home)
@@ -285,6 +306,20 @@ def cmd_train_node(args: argparse.Namespace) -> int:
     join_training(Path(args.spec))
     print("this node's part of the training ended")
     return 0
+
+
+def _stack_settings(described: dict) -> str:
+    databases = described["databases"]
+    lines = [f"Prefect database: {databases.get('prefect') or 'SQLite in PREFECT_HOME'}",
+             f"MLflow backend store: {databases.get('mlflow') or '-'}"]
+    if described["auth"]:
+        path = described["credentials"]
+        lines += [f"MLflow users: {databases.get('mlflow-auth') or '-'}",
+                  f"logins: on; credentials in {path} (mode 0600). In a shell: "
+                  f"set -a; . {path}; set +a"]
+    else:
+        lines.append("logins: off (loopback only; --auth or a non-loopback --host turns them on)")
+    return "\n".join(lines)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -368,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative, default=0, metavar="N",
                    help="also start N process workers on the work pool skinsense-gpu (and "
                         "deploy train-architecture there) for pipelines with train.fan_out")
+    p.add_argument("--prefect-database-url",
+                   help="Prefect's database, e.g. postgresql+asyncpg://USER:PASSWORD@HOST:5432/"
+                        "prefect (env PREFECT_API_DATABASE_CONNECTION_URL; default SQLite in "
+                        "PREFECT_HOME)")
+    p.add_argument("--mlflow-backend-store-uri",
+                   help="MLflow's runs and registry, e.g. postgresql://USER:PASSWORD@HOST:5432/"
+                        "mlflow (env MLFLOW_BACKEND_STORE_URI; default "
+                        "$SKINSENSE_HOME/mlflow/mlflow.db)")
+    p.add_argument("--mlflow-auth-database-uri",
+                   help="MLflow's user database when logins are on (env "
+                        "MLFLOW_AUTH_DATABASE_URI; default $SKINSENSE_HOME/mlflow/auth.db)")
+    p.add_argument("--auth", action="store_true",
+                   help="turn on Prefect's and MLflow's logins on loopback too (always on for "
+                        "any other --host); secrets from PREFECT_SERVER_API_AUTH_STRING, "
+                        "MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY, "
+                        "else generated into $SKINSENSE_HOME/stack/credentials.env")
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("train-node",

@@ -140,12 +140,28 @@ def card_tags(card: ModelCard) -> dict[str, str]:
     return tags
 
 
+# What MLflow answers for a model or alias that does not exist. Anything else (a refused
+# login, a server error) must not pass for "no champion yet", or a new version could be
+# promoted over a champion that was merely unreadable.
+_MISSING = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def _is_missing(exc: MlflowException) -> bool:
+    return exc.error_code in _MISSING
+
+
 def current_champion(model_name: str) -> str | None:
-    """The champion's version, or None when there is none yet."""
+    """The champion's version, or None when there is none yet.
+
+    Raises:
+        MlflowException: the registry could not be read (login refused, server error).
+    """
     try:
         return str(MlflowClient().get_model_version_by_alias(model_name, CHAMPION).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return None
+        raise
 
 
 def download_model_dir(model_name: str, version: str, dst: Path) -> Path:
@@ -230,6 +246,8 @@ def show(model_name: str) -> list[dict[str, Any]]:
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases_of.setdefault(str(version), []).append(alias)
     except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
         raise RegistryError(f"no registered model named {model_name!r}") from exc
     rows = []
     for mv in _versions(client, model_name):

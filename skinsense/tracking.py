@@ -36,6 +36,23 @@ def configure(home: Home) -> str:
     return uri
 
 
+def refusal_message(exc: Exception, uri: str) -> str | None:
+    """What to do when the MLflow server at `uri` refused a login or a change; else None."""
+    code = getattr(exc, "error_code", None)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED":
+        if user:
+            return (f"MLflow at {uri} refused the login of {user!r}: check "
+                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        return (f"MLflow at {uri} asks for a login: set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD (for `skinsense stack`: set -a; . "
+                f"$SKINSENSE_HOME/stack/credentials.env; set +a)")
+    if code == "PERMISSION_DENIED":
+        return (f"MLflow at {uri} does not let {user or 'this user'!r} do that: ask an MLflow "
+                f"admin for EDIT or MANAGE on the model (docs/OPERATIONS.md, Logins)")
+    return None
+
+
 def ensure_experiment(name: str, home: Home) -> str:
     """The experiment's id, created with its artifacts under `home` when the store is local."""
     client = MlflowClient()

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from skinsense import stack_auth
+
 ROOT = Path(__file__).resolve().parents[1]
 UIS = {"prefect-server": 4200, "mlflow": 5000, "app": 7860, "minio": 9001}
 
@@ -66,12 +68,14 @@ def test_worker_reserves_the_gpu_and_talks_to_the_servers(resolved):
 
 def test_mlflow_uses_postgres_minio_and_checks_host_headers(resolved):
     command = resolved["services"]["mlflow"]["command"]
-    args = dict(zip(command[2::2], command[3::2]))
-    assert args["--backend-store-uri"].startswith("postgresql://")
-    assert args["--backend-store-uri"].endswith("@postgres:5432/mlflow")
+    assert command[0] == "/opt/skinsense/docker/mlflow-entrypoint.sh"
+    args = dict(zip(command[1::2], command[2::2]))
+    env = resolved["services"]["mlflow"]["environment"]
+    # The same variables `skinsense stack up` reads.
+    store = env[stack_auth.MLFLOW_BACKEND_STORE_ENV]
+    assert store.startswith("postgresql://") and store.endswith("@postgres:5432/mlflow")
     assert args["--artifacts-destination"].startswith("s3://")
     assert "mlflow:5000" in args["--allowed-hosts"]
-    env = resolved["services"]["mlflow"]["environment"]
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert resolved["services"]["mlflow"]["depends_on"]["minio-init"]["condition"] == \
         "service_completed_successfully"
@@ -80,12 +84,113 @@ def test_mlflow_uses_postgres_minio_and_checks_host_headers(resolved):
 
 def test_credentials_come_from_the_env_file(resolved):
     text = (ROOT / "docker-compose.yml").read_text()
-    for secret in ("change-me-postgres", "change-me-minio"):
+    for secret in ("change-me-postgres", "change-me-minio", "change-me-prefect",
+                   "change-me-mlflow"):
         assert secret not in text  # only .env.example holds (placeholder) values
     env = resolved["services"]["postgres"]["environment"]
     assert env["POSTGRES_PASSWORD"] == "change-me-postgres"
     init = ROOT / "docker" / "postgres" / "init-databases.sh"
-    assert "prefect mlflow" in init.read_text()
+    assert "prefect mlflow mlflow_auth" in init.read_text()
+
+
+def test_both_servers_ask_for_a_login_and_every_client_has_it(resolved):
+    services = resolved["services"]
+    prefect_env = services["prefect-server"]["environment"]
+    auth_string = prefect_env[stack_auth.PREFECT_SERVER_AUTH_ENV]
+    assert auth_string == "admin:change-me-prefect-login"
+    assert prefect_env[stack_auth.PREFECT_DATABASE_ENV].startswith("postgresql+asyncpg://")
+    mlflow_env = services["mlflow"]["environment"]
+    assert mlflow_env[stack_auth.MLFLOW_AUTH_DATABASE_ENV].endswith("@postgres:5432/mlflow_auth")
+    assert mlflow_env[stack_auth.MLFLOW_ADMIN_USERNAME_ENV] == "admin"
+    admin_password = mlflow_env[stack_auth.MLFLOW_ADMIN_PASSWORD_ENV]
+    assert mlflow_env[stack_auth.MLFLOW_SECRET_KEY_ENV]
+    assert "--app-name basic-auth" in (ROOT / "docker" / "mlflow-entrypoint.sh").read_text()
+    worker = services["worker"]["environment"]
+    assert worker[stack_auth.PREFECT_CLIENT_AUTH_ENV] == auth_string
+    for name in ("worker", "app"):
+        env = services[name]["environment"]
+        assert env[stack_auth.MLFLOW_USERNAME_ENV] == "admin"
+        assert env[stack_auth.MLFLOW_PASSWORD_ENV] == admin_password
+    # The health checks use the paths both servers leave open for probes.
+    assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+    assert services["mlflow"]["healthcheck"]["test"][-1].endswith("/health")
+
+
+@pytest.mark.parametrize("secret", ["PREFECT_SERVER_API_AUTH_STRING",
+                                    "MLFLOW_AUTH_ADMIN_PASSWORD",
+                                    "MLFLOW_FLASK_SERVER_SECRET_KEY"])
+def test_compose_refuses_to_start_without_a_login_secret(tmp_path, secret):
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (apt-get install -y docker-compose)")
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join(line for line in lines if not line.startswith(secret + "=")))
+    out = subprocess.run([binary, "--project-directory", str(ROOT), "-f",
+                          str(ROOT / "docker-compose.yml"), "--env-file", str(env_file), "config"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0
+    assert f"set {secret}" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_mlflow_entrypoint_starts_mlflow_with_its_logins(tmp_path):
+    """docker/mlflow-entrypoint.sh, run here as compose runs it: the real MLflow server with
+    the basic-auth app, its user database from MLFLOW_AUTH_DATABASE_URI (SQLite here)."""
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           stack_auth.MLFLOW_BACKEND_STORE_ENV: f"sqlite:///{tmp_path / 'mlflow.db'}",
+           stack_auth.MLFLOW_AUTH_DATABASE_ENV: f"sqlite:///{tmp_path / 'auth.db'}",
+           stack_auth.MLFLOW_AUTH_CONFIG_ENV: str(tmp_path / "auth.ini"),
+           stack_auth.MLFLOW_ADMIN_USERNAME_ENV: "admin",
+           stack_auth.MLFLOW_ADMIN_PASSWORD_ENV: "entrypoint-admin-password",
+           stack_auth.MLFLOW_SECRET_KEY_ENV: "entrypoint-flask-secret-key",
+           # Not under test, and its seven processes slow the server's start and stop.
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = tmp_path / "mlflow.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            ["sh", str(ROOT / "docker" / "mlflow-entrypoint.sh"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--artifacts-destination",
+             str(tmp_path / "artifacts")], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"MLflow did not start:\n{log.read_text()[-3000:]}")
+        search = f"{url}/api/2.0/mlflow/experiments/search"
+        assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+        admin = stack_auth.basic_auth_header("admin", "entrypoint-admin-password")
+        assert requests.get(search, params={"max_results": 1}, headers=admin,
+                            timeout=30).status_code == 200
+        config = tmp_path / "auth.ini"
+        assert config.stat().st_mode & 0o077 == 0 and "auth.db" in config.read_text()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def test_compose_refuses_to_start_without_credentials(tmp_path):

@@ -265,3 +265,22 @@ def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
     assert "T=1.7000 ECE 0.1200->0.0400 NLL 0.9000->0.6000" in out
     assert "score>=0.2100" in out and "sensitivity 0.9300 [0.8800, 0.9700]" in out
     assert "balanced_accuracy_sex=0.0300" in out
+
+
+def test_an_unreadable_registry_is_not_taken_for_no_champion(store, monkeypatch):
+    """A refused login or a server error must not look like "no champion yet" (a new
+    version would then be promoted over a champion that was only unreadable)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import UNAUTHENTICATED
+
+    assert registry.current_champion("skin") is None  # truly none: no such model
+
+    def refused(self, *args, **kwargs):
+        raise MlflowException("You are not authenticated.", error_code=UNAUTHENTICATED)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", refused)
+    monkeypatch.setattr(MlflowClient, "get_registered_model", refused)
+    with pytest.raises(MlflowException, match="not authenticated"):
+        registry.current_champion("skin")
+    with pytest.raises(MlflowException, match="not authenticated"):
+        registry.show("skin")
