@@ -102,7 +102,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg["serve"]["deploy"] = False
     if args.archs:
         cfg["train"]["archs"] = _csv_list(args.archs)
-    for name in ("epochs", "image_size", "batch_size"):
+    for name in ("epochs", "image_size", "batch_size", "lr"):
         if getattr(args, name) is not None:
             cfg["train"][name] = getattr(args, name)
     if args.no_pretrained:
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int, help="one input size for every architecture")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 3e-4, for "
+                                            "fine-tuning pretrained weights)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     p.add_argument("--weights", help="local file with ImageNet weights for the architecture")
     p.add_argument("--port", type=int, help="port of the deployed app (default 7860)")
