@@ -1,5 +1,6 @@
 """The Prefect UI in headless Chromium: an operator finds the `manual` deployment and starts
-a run from its page (Run -> Quick run); the run shows up in the API."""
+a run from its page (Run -> Quick run); the run shows up in the API; the Custom run form
+shows every default the flow uses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import time
 
 import pytest
+
+from skinsense.config import DEFAULT_ARCHS, DEFAULT_DATAVERSE_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -28,6 +31,9 @@ def prefect_ui(tmp_path, monkeypatch):
     from skinsense import stack
 
     monkeypatch.delenv("PREFECT_HOME", raising=False)
+    # As the stack's runner does: the deployments then carry partial parameters (the app's
+    # port), and the form fills the rest from the schema's defaults.
+    monkeypatch.setenv("SKINSENSE_APP_PORT", "7860")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -79,6 +85,15 @@ def test_quick_run_from_the_deployment_page_creates_a_flow_run(prefect_ui, tmp_p
             while not runs and time.monotonic() < deadline:
                 runs = client.read_flow_runs(flow_run_filter=manual_runs)
                 time.sleep(0.5)
+
+            # Custom run: the form shows what a run with it would train and fetch.
+            page.goto(f"{url}/deployments/deployment/{deployment.id}/run")
+            page.get_by_text("Archs", exact=False).first.wait_for()
+            values = page.eval_on_selector_all("textarea, input", "els => els.map(e => e.value)")
+            if not set(DEFAULT_ARCHS) <= set(values):
+                page.screenshot(path=tmp_path / "custom-run.png", full_page=True)
+            assert set(DEFAULT_ARCHS) <= set(values), values
+            assert DEFAULT_DATAVERSE_URL in values
         finally:
             browser.close()
     assert len(runs) == 1
