@@ -22,8 +22,22 @@ log = logging.getLogger("skinsense.deployments")
 
 
 def main() -> None:
-    """Register the deployments and the `gpu` limit, then run flows until stopped."""
+    """Register the deployments and the `gpu` limit, then run flows until stopped.
+
+    Raises:
+        RuntimeError: no Prefect server is configured (PREFECT_API_URL): a runner on Prefect's
+            temporary server would register its schedules where nothing keeps them.
+    """
     from prefect import serve
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise RuntimeError(
+            "serving the deployments needs a Prefect server that outlives this process, and "
+            "PREFECT_API_URL is not set (without it Prefect would start a temporary server "
+            "that takes the schedules with it when it stops). Start the whole local stack "
+            "with `./run stack up` (it runs this runner too), or start `prefect server start` "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
 
     # Served deployments record the working directory as the flow's location: make it the
     # checkout holding `flows/`, whatever directory the command was started from.

@@ -74,6 +74,15 @@ def test_a_temporary_server_that_does_not_start_in_time_says_what_to_do(tmp_path
         (tmp_path / "skinsense" / "runs").iterdir())
 
 
+def test_serving_deployments_without_a_server_says_to_start_one(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "skinsense.cli", "deploy", "serve"],
+                          env=clean_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert "PREFECT_API_URL is not set" in done.stderr and "stack up" in done.stderr
+    assert not (tmp_path / "prefect" / "prefect.db").exists()  # no temporary server started
+
+
 # -- offline, at a terminal ----------------------------------------------------------------
 
 def run_at_a_terminal(argv: list[str], env: dict[str, str], cwd: Path,
