@@ -27,6 +27,10 @@ def modules_after_import(statement: str) -> set[str]:
     "skinsense.presets", "skinsense.packaging",
     # Serving applies calibration and the referral rule; evaluation adds the audit.
     "skinsense.calibration", "skinsense.referral", "skinsense.bootstrap", "skinsense.subgroups",
+    # The out-of-domain gate, the quality checks and the reference images are used by
+    # evaluation (on the GPU machine) as well as by serving.
+    "skinsense.gate", "skinsense.quality", "skinsense.ood_reference", "skinsense.evaluation",
+    "skinsense.serving.predictor", "skinsense.serving.explain",
 ])
 def test_data_and_training_need_no_orchestration_libraries(module):
     loaded = modules_after_import(f"import {module}")
