@@ -138,7 +138,8 @@ class Assessment:
 
     `probabilities` is None when a quality check failed (the model did not run); otherwise
     they are calibrated and given even when the gate says the image is out of domain (the
-    app shows them only on request, marked unreliable).
+    app shows them only on request, marked unreliable). `referral` is None then too, and
+    when the gate refused the image.
     """
 
     quality_issues: tuple[QualityIssue, ...]
@@ -330,7 +331,11 @@ class Predictor:
         verdicts = self._gate_results(features, len(runnable), enabled=gate)
         for row, i in enumerate(runnable):
             p = dict(zip(CLASS_CODES, map(float, probabilities[row]), strict=True))
-            results[i] = Assessment((), verdicts[row], p, referral_decision(p, self.card))
+            # No referral decision on an image the gate refuses: "see a dermatologist" about
+            # a photo of a cat would be the very harm the gate exists to prevent.
+            referral = (None if verdicts[row].in_domain is False
+                        else referral_decision(p, self.card))
+            results[i] = Assessment((), verdicts[row], p, referral)
         return results
 
     def _decode_checked(self, image, gate: bool) -> tuple[Image.Image, list[QualityIssue]]:
