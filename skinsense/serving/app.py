@@ -279,10 +279,15 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         if result.overlay is None:
             return None, f"No explanation: {OUT_OF_DOMAIN[0].lower()}{OUT_OF_DOMAIN[1:]}"
         cls = BY_CODE[result.class_code]
-        caption = (f"Grad-CAM for **{cls.name}** ({result.class_code}, {result.probability:.0%}):"
-                   f" red marks where the model ({model.predictor.card.arch}, layer "
-                   f"`{result.target_layer}`) found the evidence for this class, blue where it "
-                   f"found none. It shows what the model used, not what a dermatologist would.")
+        caption = f"Grad-CAM for **{cls.name}** ({result.class_code}, {result.probability:.0%})"
+        where = f"the model ({model.predictor.card.arch}, layer `{result.target_layer}`)"
+        if result.flat:
+            caption += (f": {where} points to no particular place in this image (its map is "
+                        f"flat), so there is nothing to show.")
+        else:
+            caption += (f": red marks where {where} found the evidence for this class, blue "
+                        f"where it found none. It shows what the model used, not what a "
+                        f"dermatologist would look at.")
         return result.overlay, caption
 
     with gr.Blocks(title="SkinSense") as blocks:
@@ -295,7 +300,7 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
                                     label="Dermatoscopic image")
                 with gr.Row():
                     button = gr.Button("Classify", variant="primary", elem_id="classify")
-                    explain_button = gr.Button("Explain: where did the model look?",
+                    explain_button = gr.Button("Explain: where did it look?",
                                                elem_id="explain")
             with gr.Column():
                 verdict = gr.Markdown(elem_id="verdict")

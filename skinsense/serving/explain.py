@@ -56,6 +56,12 @@ class Explanation:
     quality_issues: tuple[QualityIssue, ...] = ()
     target_layer: str = ""
 
+    @property
+    def flat(self) -> bool:
+        """True when the map holds no location at all (every pixel 0): the target layer's
+        map is 1x1 at this input size, or no gradient reached it."""
+        return self.heatmap is not None and float(self.heatmap.max()) < 1e-6
+
 
 class _FeatureCapture(nn.Module):
     """The model as Grad-CAM calls it (image -> logits), keeping the head's input."""
