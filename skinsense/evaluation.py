@@ -812,7 +812,7 @@ def _evaluate_gate(model_dir: Path, gate: OodGate, threshold: float, features: n
                   "max_probability": ref_probabilities.max(axis=1),
                   "top_class": [CLASS_CODES[k] for k in ref_probabilities.argmax(axis=1)]}
                  ).to_csv(table, index=False)
-    figure = plots.plot_ood_scores(in_scores, dict(zip(names, ref_scores.tolist())),
+    figure = plots.plot_ood_scores(in_scores, dict(zip(names, ref_scores.tolist(), strict=True)),
                                    out_dir / "ood_scores.png", threshold=threshold,
                                    auroc=report["ood_auroc"],
                                    title=f"{arch}: out-of-domain gate")

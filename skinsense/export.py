@@ -7,8 +7,9 @@ raw logits (N, 7) in the card's class order, and the penultimate features (N, D)
 of the classifier head, which the out-of-domain gate (`skinsense.gate`) scores, so that the
 gate costs no second forward pass. The predictor divides the logits by the card's
 temperature and applies the softmax, exactly as it does for the PyTorch model (so a
-recalibrated card, or a refitted gate, needs no new export). The file is self-contained (no external data file) and records the
-SHA-256 of the weights it was exported from, so a stale export is never served.
+recalibrated card, or a refitted gate, needs no new export). The file is self-contained
+(no external data file) and records the SHA-256 of the weights it was exported from, so a
+stale export is never served.
 
 It uses PyTorch's torch.export-based exporter (`dynamo=True`, which needs onnxscript): the
 TorchScript-based exporter is deprecated in torch 2.14 and slated for removal.

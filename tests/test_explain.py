@@ -82,7 +82,7 @@ def disc_model(tmp_path_factory):
         model = build_model("resnet18", image_size=SIZE)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model.train()
-        for step in range(60):
+        for _ in range(60):
             batch = torch.randint(0, len(x), (32,))
             loss = torch.nn.functional.cross_entropy(model(preset(x[batch])), y[batch])
             optimizer.zero_grad()

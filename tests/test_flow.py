@@ -72,7 +72,8 @@ def assert_card_has_the_new_fields(champion, tmp_path) -> None:
     model_dir = download_model_dir("skinsense", str(champion.version), tmp_path / "champ")
     card = load_card(model_dir)
     assert (model_dir / GATE_FILE).is_file() and card.ood_percentile == 95
-    assert card.ood_threshold is not None and float(champion.tags["ood_threshold"]) == card.ood_threshold
+    assert card.ood_threshold is not None
+    assert float(champion.tags["ood_threshold"]) == card.ood_threshold
     assert card.ood_gate["test"]["ood_auroc"] == card.metrics["test_ood_auroc"]
     assert card.temperature != 1.0 and float(champion.tags["temperature"]) == card.temperature
     assert card.referral_threshold is not None and card.referral_sensitivity_target == 0.95

@@ -31,10 +31,11 @@ from skinsense.calibration import calibrated_probabilities
 from skinsense.labels import CLASS_CODES
 from skinsense.models import cam_target_layer, cam_target_layer_path, head_name
 from skinsense.packaging import ModelCard, load_model_dir
+from skinsense.serving.predictor import GateResult, open_image
 
 if TYPE_CHECKING:
-    from skinsense.serving.predictor import GateResult, Predictor
     from skinsense.quality import QualityIssue
+    from skinsense.serving.predictor import Predictor
 
 # How much of the photo shows through the heat map (pytorch-grad-cam's default is 0.5).
 IMAGE_WEIGHT = 0.55
@@ -124,14 +125,10 @@ class GradCamExplainer:
         """
         from pytorch_grad_cam.utils.image import show_cam_on_image
 
-        from skinsense.serving.predictor import open_image
-
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-        model_image, issues = predictor._decode_checked(data, gate)
+        model_image, issues = predictor.decode_checked(data, gate)
         if issues:
             status = "off" if not gate else ("on" if predictor.gate else "absent")
-            from skinsense.serving.predictor import GateResult
-
             return Explanation(None, None, None, None, GateResult(status), tuple(issues),
                                self.target_layer_path)
         batch = predictor.preprocess([model_image])
@@ -142,7 +139,7 @@ class GradCamExplainer:
                 grayscale = self._cam(input_tensor=batch, targets=None)[0]
             logits = self._cam.outputs.detach().float().numpy()
             features = self._capture.features.float().numpy()
-        verdict = predictor._gate_results(features, 1, enabled=gate)[0]
+        verdict = predictor.gate_verdicts(features, 1, enabled=gate)[0]
         probabilities = calibrated_probabilities(logits, predictor.card.temperature)[0]
         top = int(np.argmax(probabilities))
         if verdict.in_domain is False:

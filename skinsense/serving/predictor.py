@@ -317,7 +317,7 @@ class Predictor:
 
     def assess_many(self, images: list, *, gate: bool = True) -> list[Assessment]:
         """`assess` for several images, with one forward pass for all that pass the checks."""
-        decoded = [self._decode_checked(image, gate) for image in images]
+        decoded = [self.decode_checked(image, gate) for image in images]
         runnable = [i for i, (_, issues) in enumerate(decoded) if not issues]
         status: GateStatus = "off" if not gate else ("on" if self.gate else "absent")
         results: list[Assessment] = [
@@ -328,7 +328,7 @@ class Predictor:
             return results
         logits, features = self.outputs([decoded[i][0] for i in runnable])
         probabilities = calibrated_probabilities(logits, self.card.temperature)
-        verdicts = self._gate_results(features, len(runnable), enabled=gate)
+        verdicts = self.gate_verdicts(features, len(runnable), enabled=gate)
         for row, i in enumerate(runnable):
             p = dict(zip(CLASS_CODES, map(float, probabilities[row]), strict=True))
             # No referral decision on an image the gate refuses: "see a dermatologist" about
@@ -338,8 +338,17 @@ class Predictor:
             results[i] = Assessment((), verdicts[row], p, referral)
         return results
 
-    def _decode_checked(self, image, gate: bool) -> tuple[Image.Image, list[QualityIssue]]:
-        """(the image the model gets, the quality checks it fails)."""
+    def decode_checked(self, image, gate: bool) -> tuple[Image.Image, list[QualityIssue]]:
+        """Decode an upload for the model and run the quality checks on it.
+
+        Args:
+            image: bytes, a path, a PIL image or an HxWxC array.
+            gate: False skips the checks (`ServeConfig.gate`).
+
+        Returns:
+            The image the model gets (decoded as the image cache decodes) and the checks it
+            fails (empty: it passes).
+        """
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         if not gate:
             return open_image(data, draft_size=self.card.image_size), []
@@ -353,8 +362,9 @@ class Predictor:
                        or not data.startswith(b"\xff\xd8"))
         return (seen if same_decode else open_image(data, draft_size=self.card.image_size)), []
 
-    def _gate_results(self, features: np.ndarray | None, n: int, *,
+    def gate_verdicts(self, features: np.ndarray | None, n: int, *,
                       enabled: bool) -> list[GateResult]:
+        """The gate's verdict on each of `n` images from their penultimate features."""
         if not enabled:
             return [GateResult("off")] * n
         if self.gate is None or features is None:
