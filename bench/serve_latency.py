@@ -117,32 +117,47 @@ def fit_example_gate(model_dir: Path) -> None:
 def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path,
                    n: int) -> dict[str, list[float]]:
     """Raw forwards, requests with the gate on and off, explanations and the default-client
-    request, alternated in every round so that all see the same machine load."""
+    request: one of each per round, in a new random order every round.
+
+    Every kind then sees the same machine load and the same neighbours on average. A fixed
+    order would not do: ONNX Runtime's and OpenMP's threads spin for a while after a call
+    and slow down whatever runs next on the 2 cores, so the kind that always followed the
+    gate-on request measured 1.7x slower than it (a first run of this bench).
+    """
+    import random
+
     from gradio_client import Client, handle_file
 
     from skinsense.packaging import load_model_dir
 
     model, _ = load_model_dir(model_dir)
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    calls = {
-        "request": (Client(urls["on"], verbose=False, ssl_verify=False), "/classify"),
-        "request_gate_off": (Client(urls["off"], verbose=False, ssl_verify=False), "/classify"),
-        "explain": (Client(urls["on"], verbose=False, ssl_verify=False), "/explain"),
-        "request_default_client": (Client(urls["on"], verbose=False), "/classify"),
-    }
-    times: dict[str, list[float]] = {"raw": [], **{name: [] for name in calls}}
-    for i in range(n + 3):
+
+    def raw() -> None:
         with torch.inference_mode():
-            start = time.perf_counter()
             model(x)
-            elapsed = {"raw": time.perf_counter() - start}
-        for name, (client, api_name) in calls.items():
+
+    def call(client, api_name: str):
+        return lambda: client.predict(handle_file(str(image)), api_name=api_name)
+
+    kinds = {
+        "raw": raw,
+        "request": call(Client(urls["on"], verbose=False, ssl_verify=False), "/classify"),
+        "request_gate_off": call(Client(urls["off"], verbose=False, ssl_verify=False),
+                                 "/classify"),
+        "explain": call(Client(urls["on"], verbose=False, ssl_verify=False), "/explain"),
+        "request_default_client": call(Client(urls["on"], verbose=False), "/classify"),
+    }
+    order = list(kinds)
+    shuffle = random.Random(0).shuffle
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for i in range(n + 3):
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            client.predict(handle_file(str(image)), api_name=api_name)
-            elapsed[name] = time.perf_counter() - start
-        if i >= 3:  # warm-up (the first /explain also loads the PyTorch weights)
-            for name, seconds in elapsed.items():
-                times[name].append(seconds * 1000)
+            kinds[name]()
+            if i >= 3:  # warm-up (the first /explain also loads the PyTorch weights)
+                times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -253,10 +268,10 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [
         f"{ARCH} at {SIZE} px, random weights; {machine}; torch {torch.__version__}; "
-        f"{date.today().isoformat()}; {args.requests} timed rounds (one raw forward, then one "
-        f"call of each kind, alternated so all see the same machine load) after 3 warm-up "
-        f"rounds; 1-minute load average at the start {load_start:.1f}, at the end "
-        f"{os.getloadavg()[0]:.1f}.",
+        f"{date.today().isoformat()}; {args.requests} timed rounds (one raw forward and one "
+        f"call of each kind per round, in a random order each round, so all see the same "
+        f"machine load) after 3 warm-up rounds; 1-minute load average at the start "
+        f"{load_start:.1f}, at the end {os.getloadavg()[0]:.1f}.",
         "",
         "| measurement | p50 ms | p95 ms |",
         "| --- | ---: | ---: |",
