@@ -205,10 +205,11 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         source = f"model version {model.version}" if model.version else "a local model folder"
         return f"\n\n<sub>Answered by {source}.</sub>"
 
-    def details_text(model: LoadedModel, assessment: Assessment) -> str:
+    def details_text(model: LoadedModel, assessment: Assessment, *,
+                     gate_note: bool = True) -> str:
         text = describe_top(assessment.probabilities)
         text += likely_wrong_note(assessment.probabilities)
-        if assessment.gate.status == "absent":
+        if gate_note and assessment.gate.status == "absent":
             text += f"\n\n*{NO_GATE}*"
         return text + answered_by(model)
 
@@ -255,8 +256,9 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
                           anyway=shown, anyway_note=note)
         verdict = referral_banner(assessment)
         if assessment.gate.status == "absent":
+            # Said once, in the panel above the classes (the API says it in the details).
             verdict += verdict_html("note", "No out-of-domain check.", NO_GATE)
-        return answer(verdict, shown, details_text(model, assessment))
+        return answer(verdict, shown, details_text(model, assessment, gate_note=False))
 
     def explain(image: str | bytes | None) -> tuple[Image.Image | None, str]:
         """Grad-CAM overlay of the top class at the upload's size (None when there is no
