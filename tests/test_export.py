@@ -145,6 +145,7 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
     import pandas as pd
 
     from skinsense.calibration import calibrated_probabilities
+    from skinsense.labels import CLASS_CODES
     from skinsense.packaging import load_card, save_card
     from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
 
@@ -166,11 +167,12 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
     expected = calibrated_probabilities(logits, 2.5)
     np.testing.assert_allclose(torch_predictor.predict_proba(images), expected, atol=1e-6)
     np.testing.assert_allclose(onnx_predictor.predict_proba(images), expected, atol=1e-4)
-    served = pyfunc.predict(None, pd.DataFrame({"image": images}))
-    np.testing.assert_allclose(served.to_numpy(), expected, atol=1e-4)
+    served = pyfunc.predict(None, pd.DataFrame({"image": images}))[list(CLASS_CODES)]
+    np.testing.assert_allclose(served.to_numpy(dtype=np.float64), expected, atol=1e-4)
     # Really scaled: the plain softmax differs, the predicted class does not.
     plain = calibrated_probabilities(logits, 1.0)
     assert np.abs(plain - expected).max() > 1e-3
-    np.testing.assert_array_equal(plain.argmax(axis=1), served.to_numpy().argmax(axis=1))
+    np.testing.assert_array_equal(plain.argmax(axis=1),
+                                  served.to_numpy(dtype=np.float64).argmax(axis=1))
     classified = torch_predictor.classify(images[0])
     assert classified["mel"] == pytest.approx(float(expected[0, 4]), abs=1e-6)
