@@ -208,7 +208,7 @@ def _print_versions(name: str, rows: list[dict]) -> None:
                    "decision"):
         table.add_column(column, overflow="fold")
     # Calibration, referral and subgroup figures have a table of their own below.
-    own_table = ("test_referral", "test_gap_", "test_ece", "test_nll")
+    own_table = ("test_referral", "test_gap_", "test_ece", "test_nll", "test_ood")
     for row in rows:
         metrics = " ".join(f"{k.removeprefix('test_')}={_short_number(v)}"
                            for k, v in row["metrics"].items() if not k.startswith(own_table))
@@ -225,12 +225,13 @@ def _print_versions(name: str, rows: list[dict]) -> None:
     if not calibrated:
         return
     figures = Table(title=f"{name}: calibration, referral rule (test part, 95% CI over "
-                          f"lesions) and largest subgroup gaps")
-    for column in ("version", "calibration", "referral", "largest subgroup gaps"):
+                          f"lesions), out-of-domain gate and largest subgroup gaps")
+    for column in ("version", "calibration", "referral", "out-of-domain gate",
+                   "largest subgroup gaps"):
         figures.add_column(column, overflow="fold")
     for row in calibrated:
         figures.add_row(row["version"], _calibration_cell(row), _referral_cell(row),
-                        _gaps_cell(row["metrics"]))
+                        _gate_cell(row), _gaps_cell(row["metrics"]))
     console.print(figures)
 
 
@@ -258,6 +259,21 @@ def _referral_cell(row: dict) -> str:
         if f"test_referral_{name}" in metrics:
             text += (f" {name} {_short_number(metrics[f'test_referral_{name}'])} "
                      f"{metrics.get(f'test_referral_{name}_ci', '')}").rstrip()
+    return text
+
+
+def _gate_cell(row: dict) -> str:
+    if row.get("ood_threshold") is None:
+        return "none"
+    metrics = row["metrics"]
+    percentile = row.get("ood_percentile")
+    text = (f"score<={_short_number(row['ood_threshold'])} "
+            f"({float(percentile):g}th pct. of val.)" if percentile else
+            f"score<={_short_number(row['ood_threshold'])}")
+    for key, label in (("test_ood_auroc", "AUROC"), ("test_ood_fpr_at_95_tpr", "FPR@95%TPR"),
+                       ("test_ood_rate", "test refused")):
+        if key in metrics:
+            text += f" {label} {_short_number(metrics[key])}"
     return text
 
 

@@ -303,6 +303,13 @@ class EvalConfig(_Strict):
         description="Bootstrap resamples (of whole lesions) behind every 95% interval.",
     )
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap, so intervals repeat.")
+    # 95 is the operating point the out-of-domain literature reports (FPR at 95% TPR): one
+    # real lesion in twenty is turned away, the price of refusing photos, pets and screenshots.
+    ood_percentile: float = Field(
+        95.0, gt=50, le=100,
+        description="The out-of-domain gate's threshold is this percentile of the validation "
+        "part's gate scores: about (100 - this)% of real dermatoscopic images are refused.",
+    )
     subgroup_min_images: int = Field(
         30, ge=1,
         description="A subgroup figure needs at least this many test images (for referral "
@@ -331,6 +338,11 @@ class ServeConfig(_Strict):
     # Both backends already use every core for one image; two at a time lets one request's
     # decoding overlap another's forward pass without oversubscribing.
     concurrency_limit: int = Field(2, ge=1, description="Classify requests run at once.")
+    # Off only to measure what the gate costs (bench/serve_latency.py) or for a trusted
+    # pipeline of dermatoscope images; /health then says "off".
+    gate: bool = Field(
+        True, description="Check image quality and the out-of-domain gate before answering; "
+        "off classifies every image, as before the gate existed.")
 
 
 class PipelineConfig(_Strict):

@@ -21,6 +21,16 @@ Metric conventions (the classes of `skinsense.labels.CLASS_CODES`, indices 0..6)
   `referral_specificity` with 95% intervals from a bootstrap over lesions
   (`skinsense.bootstrap`), `referral_rate` and `referral_roc_auc`; the subgroup audit adds
   `gap_<metric>_<attribute>` (`skinsense.subgroups`).
+- The out-of-domain gate (`skinsense.gate`, fitted by `calibrate_model_dir` with the
+  temperature) is reported with the part's images as in-domain against the
+  non-dermatoscopic reference images (`skinsense.ood_reference`): `ood_auroc` (refused
+  images positive, gate score as the score; 1.0 separates perfectly), `ood_fpr_at_95_tpr`
+  (the share of reference images still accepted at the score that accepts 95% of the part's
+  images; the literature's "FPR at 95% TPR", in-domain positive), `ood_rate` (share of the
+  part's images the gate refuses at its threshold: about 1 - percentile / 100 by design),
+  `ood_reference_refused` (share of reference images refused at the threshold) and,
+  as the baseline the gate is meant to beat, `ood_auroc_max_softmax` (the same AUROC with
+  one minus the top calibrated probability as the score).
 
 `classification_metrics` returns flat `dict[str, float]` whose keys are MLflow metric names:
 the headline scalars (`HEADLINE_METRICS`) plus `precision_<code>`, `recall_<code>`,
@@ -64,7 +74,9 @@ from skinsense.calibration import (
     reliability_bins,
 )
 from skinsense.data.records import CachedSplit
+from skinsense.gate import OodGate, choose_threshold, fit_gate, load_gate, save_gate
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
+from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, load_card, load_model_dir, save_card
 from skinsense.presets import make_preset
 from skinsense.referral import (
@@ -85,9 +97,11 @@ MELANOMA = "mel"
 # Columns a comparison table shows first, in this order; other keys follow alphabetically.
 # The referral rule at the same validation sensitivity target: what a clinician compares.
 REFERRAL_COMPARED: tuple[str, ...] = ("referral_sensitivity", "referral_specificity")
+# And how well each model's gate refuses non-dermatoscopic images.
+OOD_COMPARED: tuple[str, ...] = ("ood_auroc", "ood_fpr_at_95_tpr")
 COMPARISON_COLUMNS: tuple[str, ...] = (
-    "arch", *HEADLINE_METRICS, *REFERRAL_COMPARED, "parameters", "weights_mb", "cpu_latency_ms",
-    "gpu_images_per_s",
+    "arch", *HEADLINE_METRICS, *REFERRAL_COMPARED, *OOD_COMPARED, "parameters", "weights_mb",
+    "cpu_latency_ms", "gpu_images_per_s",
 )
 
 
@@ -106,6 +120,8 @@ class EvalResult(BaseModel):
     referral: dict[str, Any] = Field(default_factory=dict)  # `referral_report` (None for NaN)
     subgroup_files: list[Path] = Field(default_factory=list)  # subgroup_metrics.csv and .md
     subgroup_gaps: dict[str, Any] = Field(default_factory=dict)  # `skinsense.subgroups.gaps`
+    # `ood_report` of the gate on this part (empty when the model has no gate).
+    ood: dict[str, Any] = Field(default_factory=dict)
 
 
 # -- prediction ---------------------------------------------------------------------------------
@@ -116,6 +132,64 @@ def _flip_views(batch: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
+def _forward_batches(model_dir: Path, batches, *, tta: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and penultimate features of uint8 (B, H, W, 3) batches, on the GPU if any."""
+    model, card = load_model_dir(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    split = LogitsAndFeatures(model).to(device, memory_format=torch.channels_last).eval()
+    preset = make_preset("eval", mean=card.mean, std=card.std).to(device)
+    logits_out, features_out = [], []
+    for images in batches:
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+        views = _flip_views(batch) if tta else [batch]
+        outputs = [split(preset(v)) for v in views]
+        logits_out.append(torch.stack([o[0].float() for o in outputs]).mean(dim=0).cpu())
+        # The gate judges the image as served: one view, no flips.
+        features_out.append(outputs[0][1].float().cpu())
+    if not logits_out:
+        return (np.zeros((0, len(CLASS_CODES)), dtype=np.float32),
+                np.zeros((0, LogitsAndFeatures(model).feature_dim), dtype=np.float32))
+    return (torch.cat(logits_out).numpy().astype(np.float32, copy=False),
+            torch.cat(features_out).numpy().astype(np.float32, copy=False))
+
+
+def predict_outputs(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
+                    tta: bool = False, rows: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and penultimate features of the model folder on a cached part, in one pass.
+
+    Args:
+        model_dir: a model folder (see `skinsense.packaging`).
+        split: a cached part at the model's input size.
+        batch_size: images per forward pass.
+        tta: average the logits over the image, its horizontal and its vertical flip.
+            Logits rather than probabilities are averaged so that temperature scaling, which
+            divides them, keeps the predicted class of the averaged prediction too. The
+            features are always those of the image itself (what the served gate sees).
+        rows: only these rows of the part (default: all), in this order.
+
+    Returns:
+        float32 logits (N, 7) in `CLASS_CODES` order and features (N, D), the input of the
+        classifier head.
+
+    Raises:
+        ValueError: the cache was built at another size than the model takes.
+    """
+    card = load_card(model_dir)
+    if card.image_size != split.size:
+        raise ValueError(
+            f"model in {model_dir} takes {card.image_size} px inputs but the cache holds "
+            f"{split.size} px images; build the cache at {card.image_size} px"
+        )
+    images = np.load(split.images_npy, mmap_mode="r")
+    order = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+    # Copies: torch refuses to wrap the read-only memory map without a warning.
+    batches = (np.array(images[order[start:start + batch_size]])
+               for start in range(0, len(order), batch_size))
+    return _forward_batches(model_dir, batches, tta=tta)
+
+
 def predict_logits(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
                    tta: bool = False) -> np.ndarray:
     """Logits of the model folder on a cached part, on the GPU if there is one.
@@ -124,9 +198,7 @@ def predict_logits(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
         model_dir: a model folder (see `skinsense.packaging`).
         split: a cached part at the model's input size.
         batch_size: images per forward pass.
-        tta: average the logits over the image, its horizontal and its vertical flip.
-            Logits rather than probabilities are averaged so that temperature scaling, which
-            divides them, keeps the predicted class of the averaged prediction too.
+        tta: average the logits over the image and its two flips (see `predict_outputs`).
 
     Returns:
         float32 array (N, 7), columns in `CLASS_CODES` order.
@@ -134,27 +206,7 @@ def predict_logits(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
     Raises:
         ValueError: the cache was built at another size than the model takes.
     """
-    model, card = load_model_dir(model_dir)
-    if card.image_size != split.size:
-        raise ValueError(
-            f"model in {model_dir} takes {card.image_size} px inputs but the cache holds "
-            f"{split.size} px images; build the cache at {card.image_size} px"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device, memory_format=torch.channels_last)
-    preset = make_preset("eval", mean=card.mean, std=card.std).to(device)
-    images = np.load(split.images_npy, mmap_mode="r")
-    out = []
-    for start in range(0, len(images), batch_size):
-        # A copy: torch refuses to wrap the read-only memory map without a warning.
-        batch = torch.from_numpy(np.array(images[start:start + batch_size]))
-        batch = batch.permute(0, 3, 1, 2).to(device)
-        views = _flip_views(batch) if tta else [batch]
-        logits = torch.stack([model(preset(v)).float() for v in views])
-        out.append(logits.mean(dim=0).cpu())
-    if not out:
-        return np.zeros((0, len(CLASS_CODES)), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32, copy=False)
+    return predict_outputs(model_dir, split, batch_size=batch_size, tta=tta)[0]
 
 
 def predict_probabilities(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
@@ -354,9 +406,9 @@ def measure_efficiency(model_dir: Path, *, repeats: int = 20, warmup: int = 3) -
 # -- comparison across architectures -----------------------------------------------------------
 
 def comparison_row(result: EvalResult) -> dict[str, Any]:
-    """One row of the comparison table: arch, headline and referral metrics, efficiency."""
-    headline = {k: result.metrics[k] for k in (*HEADLINE_METRICS, *REFERRAL_COMPARED)
-                if k in result.metrics}
+    """One row of the comparison table: arch, headline, referral and gate metrics, efficiency."""
+    headline = {k: result.metrics[k] for k in (*HEADLINE_METRICS, *REFERRAL_COMPARED,
+                                                *OOD_COMPARED) if k in result.metrics}
     return {"arch": result.arch, **headline, **result.efficiency}
 
 
@@ -522,40 +574,105 @@ class Calibration(BaseModel):
     referral_sensitivity: float | None = None
     referral_specificity: float | None = None
     note: str = ""
+    # The out-of-domain gate (None when it was not fitted: no training part given).
+    ood_threshold: float | None = None
+    ood_percentile: float | None = None
+    ood_gate_images: int | None = None      # training images its statistics come from
+    val_ood_rate: float | None = None       # share of validation images it refuses
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics: `temperature`, `referral_threshold` and the `val_*` figures."""
+        """MLflow metrics: `temperature`, `referral_threshold`, `ood_threshold` and the
+        `val_*` figures."""
         values = {"temperature": self.temperature, "referral_threshold": self.referral_threshold,
                   "val_nll_uncalibrated": self.nll_uncalibrated, "val_nll": self.nll,
                   "val_ece_uncalibrated": self.ece_uncalibrated, "val_ece": self.ece,
                   "val_referral_sensitivity": self.referral_sensitivity,
-                  "val_referral_specificity": self.referral_specificity}
+                  "val_referral_specificity": self.referral_specificity,
+                  "ood_threshold": self.ood_threshold, "val_ood_rate": self.val_ood_rate}
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
+def training_originals(train_split: CachedSplit) -> np.ndarray | None:
+    """Rows of the cached training part that are original images (not oversampled copies).
+
+    The gate describes the images the model was trained on, not augmented duplicates of
+    the rare classes (which would also cost a forward pass each). None (use every row)
+    when the part names no manifest to tell them apart.
+    """
+    from skinsense.data.cache import read_cached_manifest
+    from skinsense.data.records import SOURCE_IMAGE_COLUMN
+
+    try:
+        manifest = read_cached_manifest(train_split)
+    except ValueError as exc:
+        log.warning("fitting the gate on every training row, copies included: %s", exc)
+        return None
+    if SOURCE_IMAGE_COLUMN not in manifest.columns:
+        return None
+    return np.flatnonzero(manifest[SOURCE_IMAGE_COLUMN].isna().to_numpy())
+
+
+def fit_gate_model_dir(model_dir: Path, train_split: CachedSplit, val_features: np.ndarray, *,
+                       percentile: float, batch_size: int = 64) -> tuple[OodGate, float, float]:
+    """Fit the out-of-domain gate on the training part and its threshold on validation.
+
+    Writes `ood_gate.safetensors` into the folder (the caller writes the card).
+
+    Args:
+        model_dir: a model folder.
+        train_split: the cached training part (original images are used, see
+            `training_originals`).
+        val_features: (N, D) penultimate features of the validation part.
+        percentile: the threshold is this percentile of the validation scores.
+        batch_size: images per forward pass.
+
+    Returns:
+        The gate, its threshold and the share of validation images it refuses.
+    """
+    from skinsense.export import weights_sha256
+
+    rows = training_originals(train_split)
+    _, train_features = predict_outputs(model_dir, train_split, batch_size=batch_size, rows=rows)
+    labels = np.load(train_split.labels_npy)
+    labels = labels if rows is None else labels[rows]
+    gate = fit_gate(train_features, labels, weights_sha256=weights_sha256(model_dir))
+    val_scores = gate.scores(val_features)
+    threshold = choose_threshold(val_scores, percentile)
+    save_gate(gate, model_dir)
+    return gate, threshold, float((val_scores > threshold).mean())
+
+
 def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sensitivity: float,
-                        batch_size: int = 64) -> Calibration:
-    """Fit the temperature and choose the referral threshold on the validation part.
+                        batch_size: int = 64, train_split: CachedSplit | None = None,
+                        gate_percentile: float = 95.0) -> Calibration:
+    """Fit the temperature and choose the referral threshold on the validation part; with
+    the training part, also fit the out-of-domain gate.
 
     The temperature minimizes the validation NLL of the logits as the app computes them (one
     view, no test-time augmentation). The referral threshold is the highest at which at least
     `referral_sensitivity` of the malignant validation images are referred, on calibrated
     probabilities. Both go into the folder's card (`temperature`, `referral_threshold`,
-    `referral_sensitivity_target`), which every predictor path then follows.
+    `referral_sensitivity_target`), which every predictor path then follows. The gate
+    (`skinsense.gate`) takes its class means and shared Ledoit-Wolf covariance from the
+    training part's features and its threshold from the validation part's scores (the same
+    forward pass as the temperature's logits): `ood_gate.safetensors`, and `ood_threshold`,
+    `ood_percentile`, `ood_gate` in the card.
 
     Args:
         model_dir: a model folder (see `skinsense.packaging`).
         val_split: the cached validation part at the model's input size.
         referral_sensitivity: the sensitivity target (`EvalConfig.referral_sensitivity`).
         batch_size: images per forward pass.
+        train_split: the cached training part; None leaves the gate as it is.
+        gate_percentile: the gate's threshold is this percentile of the validation scores.
 
     Returns:
-        The temperature, the threshold and the validation figures before and after.
+        The temperature, the thresholds and the validation figures before and after.
 
     Raises:
         ValueError: the validation part is empty, or the logits are not finite.
     """
-    logits = predict_logits(model_dir, val_split, batch_size=batch_size)
+    logits, val_features = predict_outputs(model_dir, val_split, batch_size=batch_size)
     y_val = np.load(val_split.labels_npy)
     if len(y_val) == 0:
         raise ValueError(f"the validation part {val_split.images_npy} holds no image; the "
@@ -579,11 +696,31 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
         sensitivity = float(recall_score(malignant, referred))
         specificity = (float(recall_score(~malignant, ~referred)) if (~malignant).any()
                        else None)
+    gate_figures: dict[str, Any] = {}
+    if train_split is not None:
+        gate, ood_threshold, val_ood_rate = fit_gate_model_dir(
+            model_dir, train_split, val_features, percentile=gate_percentile,
+            batch_size=batch_size)
+        gate_figures = {"ood_threshold": ood_threshold, "ood_percentile": gate_percentile,
+                        "ood_gate_images": gate.n_images, "val_ood_rate": val_ood_rate}
     card = load_card(model_dir)
     card.temperature = temperature
     card.referral_threshold = threshold
     card.referral_sensitivity_target = referral_sensitivity
     card.referral_rule = describe_rule(threshold, referral_sensitivity)
+    if gate_figures:
+        card.ood_threshold = gate_figures["ood_threshold"]
+        card.ood_percentile = gate_percentile
+        card.ood_gate = {
+            "score": "smallest Mahalanobis distance of the penultimate features to a class "
+                     "mean (shared Ledoit-Wolf covariance)",
+            "fitted_on": "training part, original images (no oversampled copies)",
+            "train_images": gate.n_images, "feature_dim": gate.feature_dim,
+            "shrinkage": gate.shrinkage, "classes": [CLASS_CODES[int(k)] for k in
+                                                     gate.class_indices],
+            "threshold_from": f"{gate_percentile:g}th percentile of the validation part's "
+                              f"scores ({len(y_val)} images)",
+            "val_ood_rate": gate_figures["val_ood_rate"]}
     save_card(card, model_dir)
     return Calibration(
         temperature=temperature, n_images=len(y_val),
@@ -592,7 +729,94 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
         ece_uncalibrated=expected_calibration_error(y_val, before),
         ece=expected_calibration_error(y_val, probabilities),
         referral_sensitivity_target=referral_sensitivity, referral_threshold=threshold,
-        referral_sensitivity=sensitivity, referral_specificity=specificity, note=note)
+        referral_sensitivity=sensitivity, referral_specificity=specificity, note=note,
+        **gate_figures)
+
+
+def reference_outputs(model_dir: Path, *, batch_size: int = 64
+                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Logits and features of the non-dermatoscopic reference images (`ood_reference`).
+
+    Each image is squashed to the model's input exactly as the cache and the app do
+    (`resize_square`), so its score is the one the served gate would give it.
+
+    Returns:
+        Names, logits (M, 7) and features (M, D).
+    """
+    from skinsense.data.cache import resize_square
+    from skinsense.ood_reference import non_dermatoscopic_images
+
+    size = load_card(model_dir).image_size
+    named = non_dermatoscopic_images()
+    pixels = np.stack([np.asarray(resize_square(image, size)) for _, image in named])
+    batches = (pixels[start:start + batch_size] for start in range(0, len(pixels), batch_size))
+    logits, features = _forward_batches(model_dir, batches)
+    return [name for name, _ in named], logits, features
+
+
+def ood_report(in_scores: np.ndarray, reference_scores: np.ndarray, threshold: float, *,
+               in_max_probability: np.ndarray | None = None,
+               reference_max_probability: np.ndarray | None = None) -> dict[str, float]:
+    """How well a gate score separates in-domain images from reference (foreign) images.
+
+    Args:
+        in_scores: (N,) gate scores of in-domain images (a test part).
+        reference_scores: (M,) gate scores of non-dermatoscopic images.
+        threshold: the gate's threshold (refuse above).
+        in_max_probability, reference_max_probability: the top calibrated probability of
+            each image, for the max-softmax baseline.
+
+    Returns:
+        `ood_auroc`, `ood_fpr_at_95_tpr`, `ood_rate`, `ood_reference_refused`,
+        `ood_auroc_max_softmax` (when the probabilities are given), `ood_n_in`, `ood_n_reference`.
+    """
+    from sklearn.metrics import roc_curve
+
+    in_scores = np.asarray(in_scores, dtype=np.float64)
+    reference_scores = np.asarray(reference_scores, dtype=np.float64)
+    if len(in_scores) == 0 or len(reference_scores) == 0:
+        raise ValueError("the gate is scored on at least one in-domain and one reference image")
+    foreign = np.r_[np.zeros(len(in_scores)), np.ones(len(reference_scores))]
+    scores = np.r_[in_scores, reference_scores]
+    # In-domain as the positive class and "accepted" as the prediction, as in the
+    # literature: at the first point that accepts 95% of the in-domain images, the share of
+    # foreign images also accepted.
+    fpr, tpr, _ = roc_curve(1 - foreign, -scores, drop_intermediate=False)
+    report = {
+        "ood_auroc": float(roc_auc_score(foreign, scores)),
+        "ood_fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95 - 1e-12, side="left")]),
+        "ood_rate": float((in_scores > threshold).mean()),
+        "ood_reference_refused": float((reference_scores > threshold).mean()),
+        "ood_n_in": float(len(in_scores)), "ood_n_reference": float(len(reference_scores)),
+    }
+    if in_max_probability is not None and reference_max_probability is not None:
+        report["ood_auroc_max_softmax"] = float(roc_auc_score(
+            foreign, -np.r_[in_max_probability, reference_max_probability]))
+    return report
+
+
+def _evaluate_gate(model_dir: Path, gate: OodGate, threshold: float, features: np.ndarray,
+                   probabilities: np.ndarray, out_dir: Path, arch: str, batch_size: int
+                   ) -> tuple[dict[str, float], list[Path]]:
+    from skinsense import plots
+
+    names, ref_logits, ref_features = reference_outputs(model_dir, batch_size=batch_size)
+    ref_scores = gate.scores(ref_features)
+    ref_probabilities = calibrated_probabilities(ref_logits, load_card(model_dir).temperature)
+    in_scores = gate.scores(features)
+    report = ood_report(in_scores, ref_scores, threshold,
+                        in_max_probability=probabilities.max(axis=1),
+                        reference_max_probability=ref_probabilities.max(axis=1))
+    table = out_dir / "ood_reference_scores.csv"
+    pd.DataFrame({"image": names, "ood_score": ref_scores, "refused": ref_scores > threshold,
+                  "max_probability": ref_probabilities.max(axis=1),
+                  "top_class": [CLASS_CODES[k] for k in ref_probabilities.argmax(axis=1)]}
+                 ).to_csv(table, index=False)
+    figure = plots.plot_ood_scores(in_scores, dict(zip(names, ref_scores.tolist(), strict=True)),
+                                   out_dir / "ood_scores.png", threshold=threshold,
+                                   auroc=report["ood_auroc"],
+                                   title=f"{arch}: out-of-domain gate")
+    return report, [table, figure]
 
 
 def _check_argmax_metrics(before: dict[str, float], after: dict[str, float], where: Path) -> bool:
@@ -632,7 +856,8 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                        tta: bool = False, history: list[dict[str, float]] | None = None,
                        efficiency: bool = False, manifest: pd.DataFrame | None = None,
                        subgroups: bool = True, bootstrap_resamples: int = 1000,
-                       bootstrap_seed: int = 0, subgroup_min_images: int = 30) -> EvalResult:
+                       bootstrap_seed: int = 0, subgroup_min_images: int = 30,
+                       gate_reference: bool = True) -> EvalResult:
     """Evaluate a model folder on a cached part and write every detail into `out_dir`.
 
     Probabilities are calibrated with the card's temperature (as served); the report also
@@ -640,13 +865,18 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     card has a referral threshold, the rule's sensitivity and specificity are reported with
     95% bootstrap intervals over lesions (`referral_*`). With the part's `manifest` the
     subgroup audit runs too (`skinsense.subgroups`; `gap_<metric>_<attribute>` metrics).
+    When the folder has an out-of-domain gate, it is scored with this part as in-domain
+    against the non-dermatoscopic reference images (`ood_*` metrics, see the module
+    docstring).
 
     Writes `evaluation.json` (metrics, per-class scores, confusion matrices, scikit-learn's
     classification report, calibration, referral, efficiency when measured),
     `classification_report.txt`, `confusion_matrix.png`, `reliability_diagram.png`,
     `referral_roc.png` (when there is a rule and both malignant and benign images),
-    `test_probabilities.npy` (calibrated), `training_curves.png` when `history` is given, and
-    `subgroups/subgroup_metrics.csv` and `.md` with the audit.
+    `test_probabilities.npy` (calibrated), `training_curves.png` when `history` is given,
+    `subgroups/subgroup_metrics.csv` and `.md` with the audit, and with a gate
+    `ood_scores.png` (the scores of both sets and the threshold) and
+    `ood_reference_scores.csv` (each reference image's score and verdict).
 
     Args:
         model_dir: a model folder (see `skinsense.packaging`).
@@ -663,6 +893,8 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
         bootstrap_resamples: resamples behind every interval.
         bootstrap_seed: seed of the bootstrap.
         subgroup_min_images: smallest count a subgroup figure is given for.
+        gate_reference: score the gate against the reference images (False: only the
+            part's `ood_rate`).
 
     Returns:
         The flat metrics, the report's path and every file written.
@@ -671,7 +903,7 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = load_card(model_dir)
-    logits = predict_logits(model_dir, split, batch_size=batch_size, tta=tta)
+    logits, features = predict_outputs(model_dir, split, batch_size=batch_size, tta=tta)
     y_true = np.load(split.labels_npy)
     uncalibrated = calibrated_probabilities(logits, 1.0)
     probabilities = calibrated_probabilities(logits, card.temperature)
@@ -691,6 +923,19 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
         metrics |= referral_metrics(referral)
     measured = measure_efficiency(model_dir) if efficiency else {}
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    ood: dict[str, Any] = {}
+    ood_files: list[Path] = []
+    from skinsense.export import weights_sha256
+
+    gate, gate_note = load_gate(model_dir, weights_sha256=weights_sha256(model_dir))
+    if gate is not None and card.ood_threshold is not None and gate_reference:
+        ood, ood_files = _evaluate_gate(model_dir, gate, card.ood_threshold, features,
+                                        probabilities, out_dir, card.arch, batch_size)
+        metrics |= ood
+    elif gate is not None and card.ood_threshold is not None:
+        ood = {"ood_rate": float((gate.scores(features) > card.ood_threshold).mean())}
+        metrics |= ood
 
     subgroup_files: list[Path] = []
     subgroup_gaps: dict[str, Any] = {}
@@ -713,7 +958,9 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
          "calibration": {"temperature": card.temperature, "ece_uncalibrated": before["ece"],
                          "ece": metrics["ece"], "nll_uncalibrated": metrics["nll_uncalibrated"],
                          "nll": metrics["nll"], "argmax_metrics_unchanged": argmax_unchanged},
-         "referral": referral, "subgroup_gaps": subgroup_gaps, "efficiency": measured}),
+         "referral": referral, "subgroup_gaps": subgroup_gaps, "efficiency": measured,
+         "ood_gate": {"threshold": card.ood_threshold, "percentile": card.ood_percentile,
+                      **ood} if gate is not None else {"absent": gate_note}}),
         indent=2, allow_nan=False))
     report_txt = out_dir / "classification_report.txt"
     report_txt.write_text(classification_report(
@@ -727,7 +974,8 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                                              title=f"{card.arch}: confusion matrix"),
                  *_draw_calibration_and_referral(out_dir, card.arch, y_true, uncalibrated,
                                                  probabilities, metrics, card.temperature,
-                                                 referral)]
+                                                 referral),
+                 *ood_files]
     if history:
         artifacts.append(plots.plot_training_curves(history, out_dir / "training_curves.png",
                                                     title=f"{card.arch}: training"))
@@ -735,4 +983,4 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                       report_json=report_json, n_images=len(y_true), artifacts=artifacts,
                       efficiency=measured, tta=tta, temperature=card.temperature,
                       referral=_json_safe(referral), subgroup_files=subgroup_files,
-                      subgroup_gaps=subgroup_gaps)
+                      subgroup_gaps=subgroup_gaps, ood=ood)

@@ -3,10 +3,21 @@
 `efficientnet_b0` (224 px), `efficientnet_b3` (300 px) and `maxvit_t` (224 px) are the ones
 SkinSense trains by default; every other torchvision classification model works by name with
 the input size of its ImageNet weights.
+
+The registry also knows two places inside each network:
+
+- the classifier head (the last Linear layer): its input is the *penultimate features* that
+  the out-of-domain gate (`skinsense.gate`) measures distances on. `LogitsAndFeatures`
+  returns both from one forward pass (what the ONNX export computes);
+- the Grad-CAM target layer (`cam_target_layer`): the last convolutional stage of the
+  EfficientNets (`features[-1]`) and resnets (`layer4`), the last block of maxvit_t. Other
+  architectures get `NoExplanationError`.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from functools import cache
 from pathlib import Path
 
@@ -130,13 +141,96 @@ def _load_local_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the last Linear layer (the ImageNet classifier) for a `num_classes` one."""
-    last_name, last = None, None
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the classifier head: the model's last Linear layer."""
+    last_name = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            last_name, last = name, module
-    if last is None or last_name is None:
-        raise ValueError(f"{type(model).__name__} has no Linear classifier head to replace")
-    parent = model.get_submodule(last_name.rsplit(".", 1)[0]) if "." in last_name else model
-    setattr(parent, last_name.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
+            last_name = name
+    if last_name is None:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier head")
+    return last_name
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], module)
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer (the ImageNet classifier) for a `num_classes` one."""
+    name = head_name(model)
+    _set_submodule(model, name, nn.Linear(model.get_submodule(name).in_features, num_classes))
+
+
+class LogitsAndFeatures(nn.Module):
+    """A classifier split at its head: `forward(x)` returns `(logits, features)`.
+
+    `features` is the input of the head (the penultimate features, (N, D)); `logits` is the
+    head applied to them, exactly what the unsplit model returns. The wrapper shares every
+    parameter and buffer with the model it was made from (no copy of the weights), so a
+    change to one is seen by the other; only the module objects around them are copied,
+    with the head in the copy replaced by `nn.Identity`.
+
+    Args:
+        model: a model from `build_model` (its head is its last Linear layer).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        name = head_name(model)
+        # deepcopy with every tensor in the memo copies the module tree but not one weight.
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        self.body = copy.deepcopy(model, memo=shared)
+        self.head = model.get_submodule(name)
+        _set_submodule(self.body, name, nn.Identity())
+        self.body.train(model.training)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.head(features), features
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the length of one feature vector."""
+        return int(self.head.in_features)
+
+
+class NoExplanationError(ValueError):
+    """SkinSense knows no Grad-CAM target layer for this architecture."""
+
+
+# Grad-CAM target layer per architecture: a regular expression on the arch name, and the
+# layer's path (`[-1]` is the last item of a Sequential or ModuleList). The last stage that
+# still has a spatial map gives the sharpest class-specific map (Selvaraju et al. 2017).
+CAM_TARGET_LAYERS: tuple[tuple[str, str], ...] = (
+    (r"efficientnet_(b[0-7]|v2_[sml])", "features[-1]"),
+    (r"maxvit_t", "blocks[-1]"),
+    (r"(resnet(18|34|50|101|152)|resnext\w+|wide_resnet\w+)", "layer4"),
+)
+
+
+def cam_target_layer_path(arch: str) -> str:
+    """The Grad-CAM target layer's path in `arch` (e.g. 'features[-1]').
+
+    Raises:
+        NoExplanationError: the registry names no layer for `arch`.
+    """
+    for pattern, path in CAM_TARGET_LAYERS:
+        if re.fullmatch(pattern, arch):
+            return path
+    raise NoExplanationError(
+        f"no explanation for this architecture: SkinSense knows the Grad-CAM target layer of "
+        f"the EfficientNets, maxvit_t and the resnets, not of {arch}")
+
+
+def cam_target_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The module of `model` (an `arch` from `build_model`) that Grad-CAM explains.
+
+    Raises:
+        NoExplanationError: the registry names no layer for `arch`.
+    """
+    module = model
+    for part in re.findall(r"[^.\[\]]+|\[-?\d+\]", cam_target_layer_path(arch)):
+        module = module[int(part[1:-1])] if part.startswith("[") else getattr(module, part)
+    return module

@@ -3,8 +3,10 @@
 A model folder holds `weights.safetensors` (a plain state dict: loading it can never run
 code) and `model_card.json` (architecture, class codes in order, input size, normalization,
 metrics, dataset fingerprint, the resolved config, and from the evaluation stage the
-calibration temperature, the referral rule with its test figures and the subgroup audit's
-gaps). The app rebuilds itself from that alone.
+calibration temperature, the referral rule with its test figures, the subgroup audit's
+gaps and the out-of-domain gate's threshold). The evaluation stage adds
+`ood_gate.safetensors` (the gate's class means and precision matrix, `skinsense.gate`) and
+the registry `model.onnx`. The app rebuilds itself from that alone.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ class ModelCard(BaseModel):
     subgroups: dict[str, Any] = Field(
         default_factory=dict, description="The subgroup audit: largest gap per metric and "
         "attribute (skinsense.subgroups), and how it was computed.")
+    # Set by the evaluation stage with ood_gate.safetensors; None: no gate (an older model).
+    ood_threshold: float | None = Field(
+        None, description="The out-of-domain gate refuses an image whose smallest Mahalanobis "
+        "distance to a class mean (skinsense.gate) is above this; None: no gate.")
+    ood_percentile: float | None = Field(
+        None, description="The percentile of the validation part's gate scores the threshold "
+        "is (95: about 5% of in-domain images are refused).")
+    ood_gate: dict[str, Any] = Field(
+        default_factory=dict, description="How the gate was fitted (images, feature size, "
+        "Ledoit-Wolf shrinkage) and what it scored at evaluation.")
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -251,3 +251,46 @@ def plot_referral_roc(fpr: np.ndarray, tpr: np.ndarray, out_path: Path, *, roc_a
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, out_path)
+
+
+def plot_ood_scores(in_domain: np.ndarray, reference: Mapping[str, float], out_path: Path, *,
+                    threshold: float, auroc: float,
+                    title: str = "Out-of-domain gate: test part vs non-dermatoscopic images"
+                    ) -> Path:
+    """Gate scores of in-domain images (histogram) and of named reference images (ticks).
+
+    Args:
+        in_domain: (N,) gate scores of the test part's images.
+        reference: name -> gate score of each non-dermatoscopic image.
+        out_path: the PNG to write (its folder is created).
+        threshold: the gate's threshold (images above it are refused).
+        auroc: the gate's AUROC, for the title.
+        title: the figure title.
+
+    Returns:
+        `out_path`.
+    """
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    values = np.asarray(list(reference.values()), dtype=float)
+    everything = np.concatenate([np.asarray(in_domain, dtype=float), values, [threshold]])
+    bins = np.linspace(everything.min(), everything.max(), 40)
+    ax.hist(in_domain, bins=bins, color="tab:blue", alpha=0.7,
+            label=f"test part ({len(in_domain)} dermatoscopic images)")
+    ax.hist(values, bins=bins, color="tab:orange", alpha=0.7,
+            label=f"non-dermatoscopic images ({len(values)})")
+    ax.axvline(threshold, color="tab:red", linestyle="--",
+               label=f"threshold {threshold:.1f} (refused above)")
+    top = ax.get_ylim()[1]
+    for i, (name, score) in enumerate(sorted(reference.items(), key=lambda kv: kv[1])):
+        # Three heights in turn, so that names of close scores do not print over each other.
+        ax.annotate(name, (score, 0), xytext=(score, top * (0.3 + 0.2 * (i % 3))),
+                    rotation=90, fontsize=6,
+                    ha="center", va="bottom", color="tab:orange",
+                    arrowprops={"arrowstyle": "-", "color": "tab:orange", "lw": 0.5})
+    ax.set_xlabel("gate score: smallest Mahalanobis distance to a class mean")
+    ax.set_ylabel("images")
+    ax.set_title(f"{title} (AUROC {auroc:.3f})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_path)

@@ -8,9 +8,10 @@ promotion (`rollback`); every promotion records the champion it replaced as the 
 `previous_champion`, which is what a rollback returns to. The `champion` alias is always moved
 last, so any failure leaves it where it was.
 
-A registered version's model folder holds `weights.safetensors`, `model_card.json` and
-`model.onnx` (exported and checked against PyTorch at registration): nothing in it unpickles
-code when loaded. The version's tags repeat what the card says about calibration, the
+A registered version's model folder holds `weights.safetensors`, `model_card.json`,
+`ood_gate.safetensors` (the out-of-domain gate, when evaluation fitted one) and `model.onnx`
+(logits and features, exported and checked against PyTorch at registration): nothing in it
+unpickles code when loaded. The version's tags repeat what the card says about calibration, the
 referral rule and the subgroup audit (`card_tags`), so `show` can print them without
 downloading anything.
 """
@@ -114,14 +115,16 @@ def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
 # Test metrics of the card that go on a version as tags, beside the promotion metric.
 CARD_METRIC_TAGS = ("test_ece", "test_ece_uncalibrated", "test_nll", "test_nll_uncalibrated",
                     "test_referral_sensitivity", "test_referral_specificity",
-                    "test_referral_rate", "test_referral_roc_auc")
+                    "test_referral_rate", "test_referral_roc_auc", "test_ood_auroc",
+                    "test_ood_fpr_at_95_tpr", "test_ood_rate", "test_ood_auroc_max_softmax")
 
 
 def card_tags(card: ModelCard) -> dict[str, str]:
     """Calibration, referral and subgroup figures of a model card, as version tags.
 
-    `temperature`, `referral_threshold`, `referral_sensitivity_target`, the card's
-    `CARD_METRIC_TAGS` and `test_gap_*` metrics (numbers, as text), and
+    `temperature`, `referral_threshold`, `referral_sensitivity_target`, `ood_threshold`
+    and `ood_percentile` (when the model has a gate), the card's `CARD_METRIC_TAGS` and
+    `test_gap_*` metrics (numbers, as text), and
     `test_referral_sensitivity_ci` / `test_referral_specificity_ci` ("[low, high]").
     Undefined (NaN) figures are left out.
     """
@@ -129,6 +132,9 @@ def card_tags(card: ModelCard) -> dict[str, str]:
     if card.referral_threshold is not None:
         tags["referral_threshold"] = repr(float(card.referral_threshold))
         tags["referral_sensitivity_target"] = repr(float(card.referral_sensitivity_target or 0))
+    if card.ood_threshold is not None:
+        tags["ood_threshold"] = repr(float(card.ood_threshold))
+        tags["ood_percentile"] = repr(float(card.ood_percentile or 0))
     for key, value in card.metrics.items():
         if (key in CARD_METRIC_TAGS or key.startswith("test_gap_")) and math.isfinite(value):
             tags[key] = repr(float(value))
@@ -234,7 +240,8 @@ def show(model_name: str) -> list[dict[str, Any]]:
         {'test_balanced_accuracy': '0.61', 'test_referral_sensitivity': '0.95',
         'test_referral_sensitivity_ci': '[0.91, 0.98]', 'test_gap_balanced_accuracy_sex':
         '0.03'}), temperature, referral_threshold, referral_sensitivity_target (None for a
-        version registered before calibration), dataset_fingerprint, promotion_decision,
+        version registered before calibration), ood_threshold, ood_percentile (None for a
+        version without the out-of-domain gate), dataset_fingerprint, promotion_decision,
         previous_champion, promoted_at, rollback, run_id, created (ISO time).
 
     Raises:
@@ -261,6 +268,8 @@ def show(model_name: str) -> list[dict[str, Any]]:
             "temperature": tags.get("temperature"),
             "referral_threshold": tags.get("referral_threshold"),
             "referral_sensitivity_target": tags.get("referral_sensitivity_target"),
+            "ood_threshold": tags.get("ood_threshold"),
+            "ood_percentile": tags.get("ood_percentile"),
             "dataset_fingerprint": tags.get("dataset_fingerprint"),
             "promotion_decision": tags.get(DECISION_TAG),
             "previous_champion": tags.get(PREVIOUS_TAG),
@@ -371,16 +380,22 @@ def _signature():
 
     from skinsense.labels import CLASS_CODES
 
+    # The gate's verdicts may be missing (a model without a gate, an image refused for its
+    # quality), so they are optional columns.
     return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
-                          outputs=Schema([ColSpec("double", code) for code in CLASS_CODES]))
+                          outputs=Schema([*(ColSpec("double", code) for code in CLASS_CODES),
+                                          ColSpec("boolean", "in_domain", required=False),
+                                          ColSpec("double", "ood_score", required=False),
+                                          ColSpec("boolean", "referral", required=False),
+                                          ColSpec("string", "quality_issue")]))
 
 
 def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in
-            ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow",
-             "onnxruntime")]
+            ("torch", "torchvision", "pillow", "numpy", "scipy", "pandas", "safetensors",
+             "mlflow", "onnxruntime")]
 
 
 def _iso(timestamp_ms: int | None) -> str | None:

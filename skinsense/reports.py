@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from skinsense.evaluation import EvalResult
 
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc", "mel_sensitivity",
-            "mel_specificity", "ece", "referral_sensitivity", "referral_specificity")
+            "mel_specificity", "ece", "referral_sensitivity", "referral_specificity",
+            "ood_auroc", "ood_fpr_at_95_tpr")
 
 
 def data_summary_rows(split: SplitData, oversampled: OversampledData) -> list[dict]:
@@ -75,6 +76,14 @@ def subgroups_markdown(arch: str, evaluation: EvalResult) -> str:
             f"operating point on HAM10000's test lesions, not a clinical validation.")
     else:
         lines.append("No referral rule (the validation part had no malignant image).")
+    ood = evaluation.ood
+    if "ood_auroc" in ood:
+        lines.append(
+            f"Out-of-domain gate (refuses images far from the training images): AUROC "
+            f"{_fmt(ood['ood_auroc'])} against {int(ood['ood_n_reference'])} non-dermatoscopic "
+            f"photos (max-softmax baseline {_fmt(ood.get('ood_auroc_max_softmax'))}), "
+            f"{_fmt(ood['ood_reference_refused'])} of them refused, "
+            f"{_fmt(ood['ood_rate'])} of the test images refused.")
     table = next((p for p in evaluation.subgroup_files if p.suffix == ".md"), None)
     if table is None or not table.is_file():
         lines += ["", "No subgroup table: the test part's metadata was not available."]

@@ -174,8 +174,9 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
 
 def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConfig,
                           home: Home) -> Candidate:
-    """Calibrate on the validation part, evaluate on the held-out test part, audit subgroups;
-    log metrics, plots and reports to the arch's run and the figures to its model card."""
+    """Calibrate on the validation part and fit the out-of-domain gate (training statistics,
+    validation threshold), evaluate on the held-out test part, audit subgroups; log metrics,
+    plots and reports to the arch's run and the figures to its model card."""
     from skinsense import tracking
     from skinsense.data.cache import read_cached_manifest
     from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
@@ -184,11 +185,13 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
 
     tracking.configure(home)
     model_dir, run_id = trained.model_dir, trained.run_id
-    # Temperature and referral threshold come from the validation part only; the test part
-    # stays untouched until the figures below are measured on it.
+    # Temperature, referral threshold and the gate's threshold come from the validation part
+    # (the gate's statistics from the training part); the test part stays untouched until
+    # the figures below are measured on it.
     calibration = calibrate_model_dir(model_dir, cache.val,
                                       referral_sensitivity=cfg.referral_sensitivity,
-                                      batch_size=cfg.batch_size)
+                                      batch_size=cfg.batch_size, train_split=cache.train,
+                                      gate_percentile=cfg.ood_percentile)
     tracking.log_metrics(run_id, calibration.metrics())
     intervals = {"bootstrap_resamples": cfg.bootstrap_resamples,
                  "bootstrap_seed": cfg.bootstrap_seed}
@@ -205,6 +208,8 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     card.subgroups = {"gaps": result.subgroup_gaps, "min_images": cfg.subgroup_min_images,
                       "resampled_by": "lesion", **intervals,
                       "table": "subgroups/subgroup_metrics.csv (MLflow run artifact)"}
+    if result.ood:
+        card.ood_gate = card.ood_gate | {"test": result.ood}
     save_card(card, model_dir)
     tracking.log_metrics(run_id, result.metrics, prefix="test_")
     tracking.log_metrics(run_id, result.efficiency)

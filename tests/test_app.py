@@ -1,7 +1,10 @@
-"""The app through real servers: classification, bad input, /health, /reload, hot reload, load.
+"""The app through real servers: classification, bad input, the out-of-domain gate, Grad-CAM,
+/health, /reload, hot reload, load.
 
 One app process serves `models:/skin@champion` from a temporary SQLite MLflow store for the
-whole module and checks the alias every half second; tests move the alias and watch it.
+whole module and checks the alias every half second; tests move the alias and watch it. Its
+model is a tiny random-weight network with a real gate fitted on views of the real example
+images (`example_gate.py`), so the examples are in domain and other photos are not.
 The helpers here (`app_store`, `register_version`, `running_app`) are shared with
 test_deploy.py and test_app_browser.py.
 """
@@ -76,28 +79,39 @@ def app_store(root: Path) -> Iterator[Store]:
         mlflow.set_registry_uri(previous)
 
 
+# The template's referral rule: refer when p(mel) + p(bcc) + p(akiec) >= this. A random
+# network gives each class about 1/7, so the score is near 3/7 and both banners can occur.
+REFERRAL_THRESHOLD = 0.4
+
+
 def save_tiny_model(out_dir: Path, *, score: float = 0.5) -> Path:
-    """A 32 px resnet18 model folder (weights and card, no ONNX export)."""
+    """A 32 px resnet18 model folder (weights and card, no ONNX export, no gate)."""
     with torch.random.fork_rng():
         model = build_model("resnet18", image_size=32)
     return save_model_dir(model, ModelCard(arch="resnet18", image_size=32,
-                                           metrics={"test_balanced_accuracy": score}), out_dir)
+                                           metrics={"test_balanced_accuracy": score},
+                                           referral_threshold=REFERRAL_THRESHOLD,
+                                           referral_sensitivity_target=0.95), out_dir)
 
 
 _TEMPLATE: list[Path] = []
 
 
 def exported_template(tmp_path_factory) -> Path:
-    """One tiny model folder with its ONNX export, made once per test session.
+    """One tiny model folder with its ONNX export and out-of-domain gate, made once per test
+    session.
 
     Exporting to ONNX takes 6-15 s on 2 cores; every registered test version copies this
     folder instead (identical weights are fine: what the tests follow is the version).
     """
     if not _TEMPLATE:
+        from example_gate import fit_example_gate
+
         from skinsense.export import export_onnx
 
         model_dir = save_tiny_model(tmp_path_factory.mktemp("template") / "model")
         export_onnx(model_dir)
+        fit_example_gate(model_dir)
         _TEMPLATE.append(model_dir)
     return _TEMPLATE[0]
 
@@ -180,6 +194,21 @@ def classify(client, path: Path | str) -> tuple[dict, str]:
     return client.predict(handle_file(str(path)), api_name="/classify")
 
 
+def assess(client, path: Path | str) -> dict:
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), api_name="/assess")
+
+
+def non_dermatoscopic_photo(out: Path, name: str = "cat") -> Path:
+    """A real photo that is not a dermatoscopic image (scikit-image's), as a JPEG file."""
+    from skinsense.ood_reference import non_dermatoscopic_images
+
+    path = out / f"{name}.jpg"
+    dict(non_dermatoscopic_images())[name].save(path, quality=92)
+    return path
+
+
 # -- fixtures -----------------------------------------------------------------------------
 
 
@@ -220,7 +249,9 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def bad_inputs() -> dict[str, tuple[bytes, str | None]]:
-    """name -> (file bytes, expected refusal text or None when it must be classified)."""
+    """name -> (file bytes, expected refusal text or None when the model must run on it)."""
+    from PIL import ImageEnhance, ImageFilter
+
     real = Image.open(example_images()[0])
     jpeg = encode(real, "JPEG", quality=90)
     exif = Image.Exif()
@@ -231,6 +262,12 @@ def bad_inputs() -> dict[str, tuple[bytes, str | None]]:
         # Mode "1" keeps the 20000x20000 file small and quick to make; its header is the bomb.
         "bomb.png": (encode(Image.new("1", (20000, 20000)), "PNG"), "too large"),
         "one_pixel.png": (encode(Image.new("RGB", (1, 1), "red"), "PNG"), "at least 16x16"),
+        # The quality checks, before the model runs.
+        "thumbnail.jpg": (encode(real.resize((120, 90)), "JPEG"), "too small"),
+        "dark.jpg": (encode(ImageEnhance.Brightness(real).enhance(0.1), "JPEG"), "too dark"),
+        "overexposed.jpg": (encode(ImageEnhance.Brightness(real).enhance(4), "JPEG"),
+                            "too bright"),
+        "blurred.jpg": (encode(real.filter(ImageFilter.GaussianBlur(4)), "JPEG"), "too blurry"),
         "grayscale.jpg": (encode(real.convert("L"), "JPEG"), None),
         "rgba.png": (encode(real.convert("RGBA"), "PNG"), None),
         "lesion.webp": (encode(real, "WEBP"), None),
@@ -246,12 +283,14 @@ def test_a_real_sample_is_classified(client):
     from skinsense.labels import CLASS_CODES
     from skinsense.serving.app import label_text
 
+    # An old-style call: the same input, the same two outputs.
     label, details = classify(client, example_images()[0])
     assert label["label"] in {label_text(code) for code in CLASS_CODES}
     assert len(label["confidences"]) == 3
     assert sum(c["confidence"] for c in label["confidences"]) <= 1.0 + 1e-6
     assert "Answered by model version" in details
     assert details.count("\n- ") == 2  # three described classes
+    assert "Higher risk" in details or "Lower risk" in details  # the referral rule's verdict
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
@@ -263,8 +302,10 @@ def test_bad_input_is_classified_or_refused_and_the_app_keeps_serving(client, ap
     path = tmp_path / name
     path.write_bytes(data)
     if refusal is None:
-        label, _ = classify(client, path)
-        assert label["confidences"]
+        # Decoded and run through the model (whether the gate then calls a grey or rotated
+        # copy in domain is the gate's business, tested elsewhere).
+        answer = assess(client, path)
+        assert answer["quality_issues"] == [] and len(answer["probabilities"]) == 7
     else:
         with pytest.raises(AppError, match=refusal) as caught:
             classify(client, path)
@@ -304,8 +345,82 @@ def test_health_describes_the_served_model(app):
     assert state["arch"] == "resnet18" and state["image_size"] == 32
     assert state["backend"] == "onnxruntime"  # registered versions carry model.onnx
     assert state["reload_error"] is None and state["reload_interval_s"] == 0.5
+    from skinsense.packaging import load_card
+
+    threshold = load_card(_TEMPLATE[0]).ood_threshold
+    assert state["ood_threshold"] == pytest.approx(threshold)
+    assert state["ood_gate"] == {"status": "on", "threshold": pytest.approx(threshold),
+                                 "percentile": 95.0, "note": ""}
     for key in ("loaded_at", "last_check_at", "backend", "trained_at"):
         assert state[key]
+
+
+# -- the out-of-domain gate and the explanation ------------------------------------------
+
+
+def test_a_photo_that_is_not_dermatoscopic_gets_no_classification(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    photo = non_dermatoscopic_photo(tmp_path)
+    with pytest.raises(AppError, match="does not look like a dermatoscopic image of a skin "
+                                       "lesion, so no classification is given"):
+        classify(client, photo)
+    answer = assess(client, photo)
+    assert answer["answered"] is False and answer["gate"]["in_domain"] is False
+    assert answer["gate"]["ood_score"] > answer["gate"]["ood_threshold"]
+    # "Show anyway": the probabilities are there, but no referral verdict on a cat.
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert answer["referral"] is None
+    assert "does not look like a dermatoscopic image" in answer["message"]
+
+
+def test_assess_gives_the_gate_and_the_referral_for_a_real_sample(client):
+    answer = assess(client, example_images()[2])
+    assert answer["answered"] is True and answer["quality_issues"] == []
+    assert answer["gate"]["status"] == "on" and answer["gate"]["in_domain"] is True
+    assert answer["gate"]["ood_score"] <= answer["gate"]["ood_threshold"]
+    referral = answer["referral"]
+    assert referral["threshold"] == REFERRAL_THRESHOLD
+    assert referral["refer"] is (referral["score"] >= REFERRAL_THRESHOLD)
+    assert answer["top_class"] == max(answer["probabilities"], key=answer["probabilities"].get)
+
+
+def test_explain_returns_an_overlay_of_the_uploads_size(client, tmp_path):
+    from gradio_client import handle_file
+
+    overlay, caption = client.predict(handle_file(str(example_images()[1])), api_name="/explain")
+    assert Image.open(overlay).size == (600, 450)
+    assert "Grad-CAM for" in caption and "layer4" in caption
+    # An upload stored rotated (EXIF) is explained as it is seen: upright, 450x600.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = tmp_path / "rotated.jpg"
+    rotated.write_bytes(encode(Image.open(example_images()[1]), "JPEG", exif=exif))
+    overlay, _ = client.predict(handle_file(str(rotated)), api_name="/explain")
+    assert Image.open(overlay).size == (450, 600)
+    # No explanation of a classification that is not given.
+    overlay, caption = client.predict(handle_file(str(non_dermatoscopic_photo(tmp_path))),
+                                      api_name="/explain")
+    assert overlay is None and "does not look like a dermatoscopic image" in caption
+
+
+@pytest.mark.slow
+def test_a_model_without_a_gate_still_serves_and_says_so(tmp_path):
+    """An older version (no ood_gate.safetensors) answers as before, and every answer says
+    that the image's domain was not checked: absent is not "in domain"."""
+    from gradio_client import Client
+
+    model_dir = save_tiny_model(tmp_path / "old-model")
+    with running_app(str(model_dir), tmp_path / "app.log") as url:
+        state = health(url)
+        assert state["ood_threshold"] is None and state["ood_gate"]["status"] == "absent"
+        assert "no out-of-domain gate" in state["ood_gate"]["note"]
+        client = Client(url, verbose=False)
+        label, details = classify(client, non_dermatoscopic_photo(tmp_path))
+        assert label["confidences"] and "no out-of-domain check" in details
+        answer = assess(client, example_images()[0])
+        assert answer["answered"] is True and answer["gate"]["status"] == "absent"
+        assert answer["gate"]["in_domain"] is None and answer["gate"]["ood_score"] is None
 
 
 def test_the_app_binds_loopback_only(app):

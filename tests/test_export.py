@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skinsense.export import ONNX_FILE, OnnxMismatchError, check_onnx_agrees, export_onnx
-from skinsense.models import build_model
+from skinsense.models import build_model, head_name
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
 from skinsense.serving.app import EXAMPLES_DIR
 from skinsense.serving.predictor import Predictor
@@ -59,10 +59,39 @@ def test_export_is_one_self_contained_file(exported):
                                                            WEIGHTS_FILE]
     model = onnx.load(str(model_dir / ONNX_FILE))
     onnx.checker.check_model(model, full_check=True)
-    (image,), (logits,) = model.graph.input, model.graph.output
-    assert image.name == "image" and logits.name == "logits"
+    (image,), (logits, features) = model.graph.input, model.graph.output
+    assert (image.name, logits.name, features.name) == ("image", "logits", "features")
     assert image.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert [d.dim_value for d in image.type.tensor_type.shape.dim[1:]] == [3, SIZE, SIZE]
+    # The features are the classifier head's input: (batch, D) with D its in_features.
+    head = build_model(exported[0], image_size=SIZE).get_submodule(head_name(
+        build_model(exported[0], image_size=SIZE)))
+    assert features.type.tensor_type.shape.dim[1].dim_value == head.in_features
+
+
+def test_the_features_output_is_what_the_head_reads(exported):
+    """ONNX features agree with PyTorch's head input, and the head applied to them gives
+    the logits: one forward pass serves both the classifier and the out-of-domain gate."""
+    from skinsense.export import onnx_session
+    from skinsense.packaging import load_model_dir
+
+    _, model_dir = exported
+    model, _ = load_model_dir(model_dir)
+    session = onnx_session(model_dir / ONNX_FILE)
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    logits, features = session.run(["logits", "features"], {"image": x.numpy()})
+    captured = {}
+
+    def keep_input(module, args, output) -> None:  # returns None: the output stays as it is
+        captured["input"] = args[0]
+
+    hook = model.get_submodule(head_name(model)).register_forward_hook(keep_input)
+    with torch.inference_mode():
+        expected_logits = model(x).numpy()
+    hook.remove()
+    np.testing.assert_allclose(features, captured["input"].numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4)
+    assert features.std(axis=0).max() > 1e-3  # depends on the input
 
 
 def test_predictor_uses_onnxruntime_and_matches_torch(exported):
@@ -116,6 +145,7 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
     import pandas as pd
 
     from skinsense.calibration import calibrated_probabilities
+    from skinsense.labels import CLASS_CODES
     from skinsense.packaging import load_card, save_card
     from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
 
@@ -137,11 +167,12 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
     expected = calibrated_probabilities(logits, 2.5)
     np.testing.assert_allclose(torch_predictor.predict_proba(images), expected, atol=1e-6)
     np.testing.assert_allclose(onnx_predictor.predict_proba(images), expected, atol=1e-4)
-    served = pyfunc.predict(None, pd.DataFrame({"image": images}))
-    np.testing.assert_allclose(served.to_numpy(), expected, atol=1e-4)
+    served = pyfunc.predict(None, pd.DataFrame({"image": images}))[list(CLASS_CODES)]
+    np.testing.assert_allclose(served.to_numpy(dtype=np.float64), expected, atol=1e-4)
     # Really scaled: the plain softmax differs, the predicted class does not.
     plain = calibrated_probabilities(logits, 1.0)
     assert np.abs(plain - expected).max() > 1e-3
-    np.testing.assert_array_equal(plain.argmax(axis=1), served.to_numpy().argmax(axis=1))
+    np.testing.assert_array_equal(plain.argmax(axis=1),
+                                  served.to_numpy(dtype=np.float64).argmax(axis=1))
     classified = torch_predictor.classify(images[0])
     assert classified["mel"] == pytest.approx(float(expected[0, 4]), abs=1e-6)

@@ -47,8 +47,13 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
     assert metrics["val_nll"] <= metrics["val_nll_uncalibrated"]  # what the fit minimizes
     assert metrics["val_referral_sensitivity"] >= 0.95            # the default target
     assert any(key.startswith("test_gap_balanced_accuracy_") for key in metrics)
+    # The out-of-domain gate: fitted with the calibration, scored against skimage's photos.
+    assert {"ood_threshold", "val_ood_rate", "test_ood_auroc", "test_ood_fpr_at_95_tpr",
+            "test_ood_rate", "test_ood_auroc_max_softmax"} <= set(metrics)
+    assert metrics["val_ood_rate"] <= 0.05 + 1 / 30  # the 95th percentile of ~36 images
     evaluation = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
-    assert {"evaluation/reliability_diagram.png", "evaluation/referral_roc.png"} <= evaluation
+    assert {"evaluation/reliability_diagram.png", "evaluation/referral_roc.png",
+            "evaluation/ood_scores.png", "evaluation/ood_reference_scores.csv"} <= evaluation
     csv_path = mlflow.artifacts.download_artifacts(
         run_id=child.info.run_id, artifact_path="subgroups/subgroup_metrics.csv",
         dst_path=str(tmp_path / child.info.run_id))
@@ -60,10 +65,16 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
 
 def assert_card_has_the_new_fields(champion, tmp_path) -> None:
     """The registered model card carries the temperature, the rule and the audit's gaps."""
+    from skinsense.gate import GATE_FILE
     from skinsense.packaging import load_card
     from skinsense.registry import download_model_dir
 
-    card = load_card(download_model_dir("skinsense", str(champion.version), tmp_path / "champ"))
+    model_dir = download_model_dir("skinsense", str(champion.version), tmp_path / "champ")
+    card = load_card(model_dir)
+    assert (model_dir / GATE_FILE).is_file() and card.ood_percentile == 95
+    assert card.ood_threshold is not None
+    assert float(champion.tags["ood_threshold"]) == card.ood_threshold
+    assert card.ood_gate["test"]["ood_auroc"] == card.metrics["test_ood_auroc"]
     assert card.temperature != 1.0 and float(champion.tags["temperature"]) == card.temperature
     assert card.referral_threshold is not None and card.referral_sensitivity_target == 0.95
     assert {"sensitivity", "sensitivity_ci_low", "specificity", "n_malignant"} <= set(
@@ -85,7 +96,8 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
         state = health(url)
         assert state["status"] == "ok" and state["version"] == result["version"]
         assert state["arch"] == result["best"]
-        assert check_prediction(url)  # a real image classified through gradio_client
+        assert state["ood_gate"]["status"] == "on" and state["ood_threshold"] > 0
+        assert check_prediction(url)  # a real image run through the model via gradio_client
 
         client = MlflowClient()
         experiment = client.get_experiment_by_name("skinsense")

@@ -28,6 +28,10 @@ STANDALONE_MODULES = [
     "skinsense.presets", "skinsense.packaging",
     # Serving applies calibration and the referral rule; evaluation adds the audit.
     "skinsense.calibration", "skinsense.referral", "skinsense.bootstrap", "skinsense.subgroups",
+    # The out-of-domain gate, the quality checks and the reference images are used by
+    # evaluation (on the GPU machine) as well as by serving.
+    "skinsense.gate", "skinsense.quality", "skinsense.ood_reference", "skinsense.evaluation",
+    "skinsense.serving.predictor", "skinsense.serving.explain",
 ]
 ORCHESTRATION = {"prefect", "mlflow", "gradio"}
 

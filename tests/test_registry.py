@@ -101,14 +101,130 @@ def test_failure_while_registering_leaves_the_champion(tmp_path, store, monkeypa
 def test_pyfunc_model_returns_probabilities(tmp_path, store):
     import pandas as pd
 
+    from skinsense.labels import CLASS_CODES
     from skinsense.serving.app import EXAMPLES_DIR
+    from skinsense.serving.pyfunc import OUTPUT_COLUMNS
 
-    register(tmp_path, store, "a", 0.5)
+    register(tmp_path, store, "a", 0.5)  # a version without a gate, as before issue 13
     model = mlflow.pyfunc.load_model("models:/skin@champion")
     images = [p.read_bytes() for p in sorted(EXAMPLES_DIR.glob("*.jpg"))[:2]]
-    probabilities = model.predict(pd.DataFrame({"image": images}))
-    assert probabilities.shape == (2, 7)
-    assert probabilities.sum(axis=1).round(5).tolist() == [1.0, 1.0]
+    frame = model.predict(pd.DataFrame({"image": images}))
+    assert list(frame.columns) == list(OUTPUT_COLUMNS)
+    assert frame[list(CLASS_CODES)].sum(axis=1).round(5).tolist() == [1.0, 1.0]
+    # No gate: its verdict is unknown (None), not "in domain"; no referral rule either.
+    assert frame["in_domain"].tolist() == [None, None] and frame["ood_score"].isna().all()
+    assert frame["referral"].tolist() == [None, None]
+    assert frame["quality_issue"].tolist() == ["", ""]
+
+
+def gated_version(tmp_path, experiment_id) -> str:
+    """A registered version with the gate fitted on the real examples and a referral rule."""
+    from example_gate import fit_example_gate
+
+    from skinsense.packaging import load_card, save_card
+
+    model_dir, run_id = candidate(tmp_path, "gated", experiment_id)
+    card = load_card(model_dir)
+    card.referral_threshold, card.referral_sensitivity_target = 0.4, 0.95
+    save_card(card, model_dir)
+    fit_example_gate(model_dir)
+    return registry.register_candidate(model_dir, run_id=run_id, model_name="skin",
+                                       metric="balanced_accuracy", score=0.5, tags={})
+
+
+def gate_inputs(tmp_path) -> list[bytes]:
+    """A real example, a photo of a cat and a black frame, as JPEG bytes."""
+    import io
+
+    from PIL import Image
+
+    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.serving.app import EXAMPLES_DIR
+
+    def jpeg(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG")
+        return buffer.getvalue()
+
+    return [sorted(EXAMPLES_DIR.glob("*.jpg"))[0].read_bytes(),
+            jpeg(dict(non_dermatoscopic_images())["cat"]), jpeg(Image.new("RGB", (640, 480)))]
+
+
+def check_gate_rows(rows: list[dict]) -> None:
+    """The three `gate_inputs` answered: in domain, refused by the gate, refused for quality."""
+    real, cat, black = rows
+    assert real["in_domain"] is True and real["ood_score"] >= 0 and real["quality_issue"] == ""
+    assert real["referral"] is (real["akiec"] + real["bcc"] + real["mel"] >= 0.4)
+    assert cat["in_domain"] is False and cat["ood_score"] > real["ood_score"]
+    assert cat["referral"] is None  # no "see a dermatologist" about a cat
+    assert abs(sum(cat[c] for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")) - 1) < 1e-4
+    assert "too dark" in black["quality_issue"] and black["in_domain"] is None
+
+
+def test_pyfunc_gains_the_gate_columns(tmp_path, store):
+    import pandas as pd
+
+    version = gated_version(tmp_path, store)
+    model = mlflow.pyfunc.load_model(f"models:/skin/{version}")
+    frame = model.predict(pd.DataFrame({"image": gate_inputs(tmp_path)}))
+    check_gate_rows(frame.to_dict(orient="records"))
+    assert frame.loc[2, ["akiec", "nv"]].isna().all()  # the model did not run on it
+    outputs = {c.name for c in model.metadata.get_output_schema().inputs}
+    assert {"in_domain", "ood_score", "referral", "quality_issue"} <= outputs
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_mlflow_models_serve_answers_with_the_gate_columns(tmp_path, store, free_port):
+    """`mlflow models serve` (the scoring server MLflow users deploy) returns the columns."""
+    import base64
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    version = gated_version(tmp_path, store)
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(mlflow_cli), "models", "serve", "-m", f"models:/skin/{version}",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(free_port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # The scoring server runs `uvicorn` from PATH: this environment's, as an
+            # activated virtual environment would give it.
+            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+                 "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+        [base64.b64encode(data).decode()] for data in gate_inputs(tmp_path)]}}).encode()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{free_port}/invocations", data=body,
+                    headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow models serve did not answer:\n"
+                                f"{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited on its own
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    check_gate_rows(answer["predictions"])
 
 
 def test_registered_version_holds_onnx_and_safetensors_and_no_pickle(tmp_path, store):
@@ -242,7 +358,9 @@ def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
     card.metrics = {"test_ece": 0.04, "test_ece_uncalibrated": 0.12, "test_nll": 0.6,
                     "test_nll_uncalibrated": 0.9, "test_referral_sensitivity": 0.93,
                     "test_referral_specificity": 0.55, "test_gap_balanced_accuracy_sex": 0.03,
-                    "test_referral_roc_auc": float("nan")}
+                    "test_referral_roc_auc": float("nan"), "test_ood_auroc": 0.97,
+                    "test_ood_fpr_at_95_tpr": 0.1, "test_ood_rate": 0.06}
+    card.ood_threshold, card.ood_percentile = 31.5, 95.0
     card.test_referral = {"sensitivity": 0.93, "sensitivity_ci_low": 0.88,
                           "sensitivity_ci_high": 0.97, "specificity": 0.55,
                           "specificity_ci_low": None, "specificity_ci_high": None}
@@ -256,6 +374,7 @@ def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
     assert "test_referral_specificity_ci" not in tags  # no interval: no tag
     assert "test_referral_roc_auc" not in tags          # NaN: undefined, not a number
     assert float(tags["test_gap_balanced_accuracy_sex"]) == 0.03
+    assert float(tags["ood_threshold"]) == 31.5 and float(tags["test_ood_auroc"]) == 0.97
 
     row = registry.show("skin")[-1]
     assert row["temperature"] == tags["temperature"] and row["referral_sensitivity_target"]
@@ -265,6 +384,8 @@ def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
     assert "T=1.7000 ECE 0.1200->0.0400 NLL 0.9000->0.6000" in out
     assert "score>=0.2100" in out and "sensitivity 0.9300 [0.8800, 0.9700]" in out
     assert "balanced_accuracy_sex=0.0300" in out
+    assert "score<=31.5000 (95th pct. of val.) AUROC 0.9700 FPR@95%TPR 0.1000" in out
+    assert "ood_auroc" not in out.split("calibration, referral")[0]  # not in the first table
 
 
 def test_an_unreadable_registry_is_not_taken_for_no_champion(store, monkeypatch):

@@ -43,13 +43,19 @@ def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
     for prefix in ("test_", "isic2018_test_"):
         assert {f"{prefix}{name}" for name in (
             "ece", "ece_uncalibrated", "nll", "nll_uncalibrated", "referral_sensitivity",
-            "referral_sensitivity_ci_low", "referral_specificity_ci_high")} <= set(metrics)
+            "referral_sensitivity_ci_low", "referral_specificity_ci_high", "ood_auroc",
+            "ood_fpr_at_95_tpr", "ood_rate")} <= set(metrics)
     assert {"temperature", "referral_threshold", "val_nll", "val_referral_sensitivity"} <= set(
         metrics)
     assert not any(key.startswith("isic2018_test_gap_") for key in metrics)  # no patient data
     card = load_card(model_dir)
     assert card.temperature == pytest.approx(metrics["temperature"])
     assert card.referral_threshold == pytest.approx(metrics["referral_threshold"])
+    # The out-of-domain gate is fitted by the evaluate stage alone (a child flow that runs
+    # train + evaluate for one architecture gets it too).
+    assert (model_dir / "ood_gate.safetensors").is_file()
+    assert card.ood_threshold == pytest.approx(metrics["ood_threshold"])
+    assert card.ood_gate["test"]["ood_auroc"] == pytest.approx(metrics["test_ood_auroc"])
     assert card.test_referral["sensitivity"] == pytest.approx(metrics["test_referral_sensitivity"])
     assert card.subgroups["min_images"] == 3 and "not a clinical validation" in card.referral_rule
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "subgroups")}

@@ -4,11 +4,18 @@ Preprocessing is the evaluation preset applied to an image decoded and resized e
 the image cache does (`skinsense.data.cache.load_square`: JPEG draft decoding, then `resize_square`), so served predictions match
 what the model was evaluated on.
 
-Two backends compute the same logits: ONNX Runtime, used when the model folder holds a
-`model.onnx` exported from its current weights (see `skinsense.export`), and PyTorch
-otherwise. For both, the logits become probabilities here, through the one function every
-path uses (`skinsense.calibration.calibrated_probabilities`) with the card's temperature; the
-referral decision on those probabilities is `skinsense.referral.referral_decision`.
+Two backends compute the same logits and penultimate features in one forward pass: ONNX
+Runtime, used when the model folder holds a `model.onnx` exported from its current weights
+(see `skinsense.export`), and PyTorch otherwise. For both, the logits become probabilities
+here, through the one function every path uses
+(`skinsense.calibration.calibrated_probabilities`) with the card's temperature; the referral
+decision on those probabilities is `skinsense.referral.referral_decision`.
+
+`assess` is what the app and the MLflow pyfunc answer with: the image-quality checks
+(`skinsense.quality`) first, then the model, the out-of-domain gate on its features
+(`skinsense.gate`, when the folder has one), the calibrated probabilities and the referral
+decision. `explain` adds a Grad-CAM overlay (`skinsense.serving.explain`, PyTorch weights
+loaded on first use).
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -27,16 +34,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from skinsense.calibration import calibrated_probabilities
 from skinsense.data.cache import resize_square
 from skinsense.export import (
+    FEATURES_NAME,
     INPUT_NAME,
     ONNX_FILE,
     OUTPUT_NAME,
     WEIGHTS_SHA256_KEY,
+    onnx_has_features,
     onnx_session,
     weights_sha256,
 )
+from skinsense.gate import ABSENT, GATE_FILE, OodGate, load_gate
 from skinsense.labels import CLASS_CODES
+from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
 from skinsense.presets import make_preset
+from skinsense.quality import MEASURE_SIDE, QualityIssue, check_quality
+from skinsense.referral import Referral, referral_decision
+
+if TYPE_CHECKING:
+    from skinsense.serving.explain import Explanation, GradCamExplainer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +112,72 @@ def open_image(data: bytes | str | Path | Image.Image | np.ndarray, *,
     return image
 
 
+GateStatus = Literal["on", "off", "absent"]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The out-of-domain gate's verdict on one image.
+
+    `status` 'on': the gate ran (`in_domain`, `score` and `threshold` are set); 'absent':
+    the model folder has no usable gate (a model from before SkinSense had one; `note` says
+    why) and nothing is known about the image's domain, which is not the same as "in domain";
+    'off': the app was configured without it (`ServeConfig.gate`).
+    """
+
+    status: GateStatus
+    in_domain: bool | None = None
+    score: float | None = None
+    threshold: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything SkinSense says about one image.
+
+    `probabilities` is None when a quality check failed (the model did not run); otherwise
+    they are calibrated and given even when the gate says the image is out of domain (the
+    app shows them only on request, marked unreliable). `referral` is None then too, and
+    when the gate refused the image.
+    """
+
+    quality_issues: tuple[QualityIssue, ...]
+    gate: GateResult
+    probabilities: dict[str, float] | None = None
+    referral: Referral | None = None
+
+    @property
+    def answered(self) -> bool:
+        """True when a classification may be shown: quality passed and the gate did not
+        refuse (an absent gate refuses nothing, and the app says it is absent)."""
+        return not self.quality_issues and self.gate.in_domain is not False
+
+    @property
+    def top_class(self) -> str | None:
+        """The most probable class code (None when the model did not run)."""
+        if not self.probabilities:
+            return None
+        return max(self.probabilities, key=self.probabilities.__getitem__)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what the app's `/assess` endpoint returns)."""
+        referral = self.referral
+        return {
+            "answered": self.answered,
+            "quality_issues": [{"check": q.check, "value": q.value, "threshold": q.threshold,
+                                "message": q.message} for q in self.quality_issues],
+            "gate": {"status": self.gate.status, "in_domain": self.gate.in_domain,
+                     "ood_score": self.gate.score, "ood_threshold": self.gate.threshold,
+                     "note": self.gate.note},
+            "probabilities": self.probabilities,
+            "top_class": self.top_class,
+            "referral": None if referral is None else {
+                "score": referral.score, "threshold": referral.threshold,
+                "refer": referral.refer, "sensitivity_target": referral.sensitivity_target},
+        }
+
+
 @dataclass
 class Predictor:
     """A loaded model and the preprocessing it was evaluated with.
@@ -108,6 +190,10 @@ class Predictor:
     card: ModelCard
     source: str = ""
     session: Any | None = None
+    # The out-of-domain gate (None: the folder has none, `gate_note` says why).
+    gate: OodGate | None = None
+    gate_note: str = ABSENT
+    _explainer: GradCamExplainer | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.session is None):
@@ -115,6 +201,13 @@ class Predictor:
         self._preset = make_preset("eval", mean=self.card.mean, std=self.card.std)
         # Either backend already uses every core for one batch; parallel calls only contend.
         self._lock = threading.Lock()
+        self._explainer_lock = threading.Lock()
+        self._split = LogitsAndFeatures(self.model).eval() if self.model is not None else None
+        self._session_has_features = (self.session is not None
+                                      and onnx_has_features(self.session))
+        if self.gate is not None and self.card.ood_threshold is None:
+            self.gate, self.gate_note = None, (f"{GATE_FILE} is there but the model card has "
+                                               f"no ood_threshold")
 
     @property
     def backend(self) -> str:
@@ -133,18 +226,26 @@ class Predictor:
                 force one (forcing ONNX Runtime without a usable model.onnx raises).
         """
         model_dir = Path(model_dir)
+        sha = weights_sha256(model_dir) if (model_dir / WEIGHTS_FILE).is_file() else None
+        gate, gate_note = load_gate(model_dir, weights_sha256=sha)
+        if gate_note not in ("", ABSENT):
+            log.warning("serving %s without its out-of-domain gate: %s", model_dir, gate_note)
         if backend != "torch":
-            session, why_not = _onnx_session_for(model_dir)
+            session, why_not = _onnx_session_for(model_dir, sha)
+            if session is not None and gate is not None and not onnx_has_features(session):
+                # The gate needs the features; PyTorch computes them in the same pass.
+                session, why_not = None, f"{ONNX_FILE} outputs no features for the gate"
             if session is not None:
                 card = load_card(model_dir)
                 _check_classes(card, model_dir)
-                return cls(model=None, card=card, source=str(model_dir), session=session)
+                return cls(model=None, card=card, source=str(model_dir), session=session,
+                           gate=gate, gate_note=gate_note)
             if backend == "onnxruntime":
                 raise FileNotFoundError(f"cannot serve {model_dir} with ONNX Runtime: {why_not}")
             if why_not != "no model.onnx":
                 log.warning("serving %s with PyTorch: %s", model_dir, why_not)
         model, card = load_model_dir(model_dir)
-        return cls(model=model, card=card, source=str(model_dir))
+        return cls(model=model, card=card, source=str(model_dir), gate=gate, gate_note=gate_note)
 
     def pixels(self, images: list) -> np.ndarray:
         """uint8 (N, 3, H, W): decoded and resized exactly like the image cache does."""
@@ -167,15 +268,23 @@ class Predictor:
         return x
 
     @torch.inference_mode()
-    def logits(self, images: list) -> np.ndarray:
-        """Raw network outputs (N, 7) in CLASS_CODES order, float32."""
+    def outputs(self, images: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, 7) in CLASS_CODES order and penultimate features (N, D), float32, from
+        one forward pass; features are None only for an ONNX export from before the gate."""
         if self.session is not None:
             inputs = self._normalized_array(images)
+            names = [OUTPUT_NAME, FEATURES_NAME] if self._session_has_features else [OUTPUT_NAME]
             with self._lock:
-                return self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+                result = self.session.run(names, {INPUT_NAME: inputs})
+            return result[0], (result[1] if len(result) > 1 else None)
         batch = self.preprocess(images)
         with self._lock:
-            return self.model(batch).float().numpy()
+            logits, features = self._split(batch)
+        return logits.float().numpy(), features.float().numpy()
+
+    def logits(self, images: list) -> np.ndarray:
+        """Raw network outputs (N, 7) in CLASS_CODES order, float32."""
+        return self.outputs(images)[0]
 
     def predict_proba(self, images: list) -> np.ndarray:
         """Calibrated probabilities (N, 7) in CLASS_CODES order: the logits divided by the
@@ -183,8 +292,104 @@ class Predictor:
         return calibrated_probabilities(self.logits(images), self.card.temperature)
 
     def classify(self, image) -> dict[str, float]:
-        """One image -> {class code: calibrated probability}."""
+        """One image -> {class code: calibrated probability} (no quality checks, no gate)."""
         return dict(zip(CLASS_CODES, map(float, self.predict_proba([image])[0]), strict=True))
+
+    def gate_summary(self, *, enabled: bool = True) -> dict[str, Any]:
+        """The gate as /health reports it: status, threshold, percentile, why it is absent."""
+        status: GateStatus = "off" if not enabled else ("on" if self.gate else "absent")
+        return {"status": status,
+                "threshold": self.card.ood_threshold if self.gate else None,
+                "percentile": self.card.ood_percentile if self.gate else None,
+                "note": "" if self.gate else self.gate_note}
+
+    def assess(self, image, *, gate: bool = True) -> Assessment:
+        """One image through the quality checks, the model, the gate and the referral rule.
+
+        Args:
+            image: bytes, a path, a PIL image or an HxWxC array.
+            gate: False skips the quality checks and the gate (`ServeConfig.gate`).
+
+        Raises:
+            ImageRejected: the file is not a readable image at all (or is a bomb).
+        """
+        return self.assess_many([image], gate=gate)[0]
+
+    def assess_many(self, images: list, *, gate: bool = True) -> list[Assessment]:
+        """`assess` for several images, with one forward pass for all that pass the checks."""
+        decoded = [self.decode_checked(image, gate) for image in images]
+        runnable = [i for i, (_, issues) in enumerate(decoded) if not issues]
+        status: GateStatus = "off" if not gate else ("on" if self.gate else "absent")
+        results: list[Assessment] = [
+            Assessment(tuple(issues), GateResult(status, note="not scored: the image failed "
+                                                              "a quality check"))
+            for _, issues in decoded]
+        if not runnable:
+            return results
+        logits, features = self.outputs([decoded[i][0] for i in runnable])
+        probabilities = calibrated_probabilities(logits, self.card.temperature)
+        verdicts = self.gate_verdicts(features, len(runnable), enabled=gate)
+        for row, i in enumerate(runnable):
+            p = dict(zip(CLASS_CODES, map(float, probabilities[row]), strict=True))
+            # No referral decision on an image the gate refuses: "see a dermatologist" about
+            # a photo of a cat would be the very harm the gate exists to prevent.
+            referral = (None if verdicts[row].in_domain is False
+                        else referral_decision(p, self.card))
+            results[i] = Assessment((), verdicts[row], p, referral)
+        return results
+
+    def decode_checked(self, image, gate: bool) -> tuple[Image.Image, list[QualityIssue]]:
+        """Decode an upload for the model and run the quality checks on it.
+
+        Args:
+            image: bytes, a path, a PIL image or an HxWxC array.
+            gate: False skips the checks (`ServeConfig.gate`).
+
+        Returns:
+            The image the model gets (decoded as the image cache decodes) and the checks it
+            fails (empty: it passes).
+        """
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        if not gate:
+            return open_image(data, draft_size=self.card.image_size), []
+        # Measured at a fixed scale (MEASURE_SIDE); the model's own decode may use another
+        # JPEG draft scale, and must equal the cache's, so it decodes again when it would.
+        seen = open_image(data, draft_size=MEASURE_SIDE)
+        issues = check_quality(seen)
+        if issues:
+            return seen, issues
+        same_decode = (self.card.image_size == MEASURE_SIDE or not isinstance(data, bytes)
+                       or not data.startswith(b"\xff\xd8"))
+        return (seen if same_decode else open_image(data, draft_size=self.card.image_size)), []
+
+    def gate_verdicts(self, features: np.ndarray | None, n: int, *,
+                      enabled: bool) -> list[GateResult]:
+        """The gate's verdict on each of `n` images from their penultimate features."""
+        if not enabled:
+            return [GateResult("off")] * n
+        if self.gate is None or features is None:
+            note = self.gate_note if self.gate is None else "the ONNX export has no features"
+            return [GateResult("absent", note=note)] * n
+        threshold = float(self.card.ood_threshold)
+        scores = self.gate.scores(features)
+        return [GateResult("on", in_domain=bool(score <= threshold), score=float(score),
+                           threshold=threshold) for score in scores]
+
+    def explain(self, image, *, gate: bool = True) -> Explanation:
+        """A Grad-CAM overlay for the top class, at the upload's size (`serving.explain`).
+
+        The PyTorch weights are loaded on the first call (ONNX Runtime cannot give gradients).
+
+        Raises:
+            skinsense.models.NoExplanationError: no target layer is known for the arch.
+            ImageRejected: the file is not a readable image.
+        """
+        from skinsense.serving.explain import GradCamExplainer
+
+        with self._explainer_lock:
+            if self._explainer is None:
+                self._explainer = GradCamExplainer(Path(self.source), self.card)
+        return self._explainer.explain(self, image, gate=gate)
 
 
 def _check_classes(card: ModelCard, model_dir: Path) -> None:
@@ -193,7 +398,7 @@ def _check_classes(card: ModelCard, model_dir: Path) -> None:
                          f"SkinSense expects {list(CLASS_CODES)}")
 
 
-def _onnx_session_for(model_dir: Path) -> tuple[Any | None, str]:
+def _onnx_session_for(model_dir: Path, sha: str | None) -> tuple[Any | None, str]:
     """(session, '') when model.onnx is usable for this folder, else (None, why not)."""
     onnx_path = model_dir / ONNX_FILE
     if not onnx_path.is_file():
@@ -205,6 +410,6 @@ def _onnx_session_for(model_dir: Path) -> tuple[Any | None, str]:
     session = onnx_session(onnx_path)
     recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_SHA256_KEY)
     # Retraining into the same folder replaces the weights; an older export must not win.
-    if (model_dir / WEIGHTS_FILE).is_file() and recorded != weights_sha256(model_dir):
+    if sha is not None and recorded != sha:
         return None, f"{ONNX_FILE} was not exported from the current {WEIGHTS_FILE}"
     return session, ""

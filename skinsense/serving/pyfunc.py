@@ -2,27 +2,54 @@
 
 `mlflow.pyfunc.load_model("models:/skinsense@champion").predict(df)` takes a DataFrame with a
 column `image` (raw bytes, or base64 text as sent over MLflow's REST scoring) and returns a
-DataFrame of the seven class probabilities. The model runs on ONNX Runtime when the registered
-folder holds `model.onnx` (every version registered by `skinsense.registry` does), else on
-PyTorch.
+DataFrame with one row per image (`OUTPUT_COLUMNS`):
+
+- the seven calibrated class probabilities (`akiec` ... `vasc`; NaN when the image failed a
+  quality check, since the model does not run on it);
+- `in_domain` (bool): the out-of-domain gate's verdict; None when the model has no gate (a
+  version from before SkinSense had one) or the image failed a quality check;
+- `ood_score` (float): the gate's score (larger: further from the training images; refused
+  above the card's `ood_threshold`); NaN where `in_domain` is None;
+- `referral` (bool): the referral rule's "see a dermatologist" (`skinsense.referral`); None
+  when the model has no rule, the model did not run or the gate refused the image;
+- `quality_issue` (str): why the image was refused before the model ran ('' when it passed).
+
+Trust a row's probabilities only when `quality_issue` is '' and `in_domain` is True, as the
+app does. The model runs on ONNX Runtime when the registered folder holds `model.onnx`
+(every version registered by `skinsense.registry` does), else on PyTorch.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
 
 from skinsense.labels import CLASS_CODES
-from skinsense.serving.predictor import Predictor
+from skinsense.serving.predictor import Assessment, Predictor
 
 MODEL_DIR_ARTIFACT = "model_dir"
+GATE_COLUMNS = ("in_domain", "ood_score", "referral", "quality_issue")
+OUTPUT_COLUMNS = (*CLASS_CODES, *GATE_COLUMNS)
+
+
+def assessment_row(assessment: Assessment) -> dict:
+    """One output row of the pyfunc for one image's assessment."""
+    probabilities = assessment.probabilities or {}
+    referral = assessment.referral
+    return {**{code: probabilities.get(code, math.nan) for code in CLASS_CODES},
+            "in_domain": assessment.gate.in_domain,
+            "ood_score": math.nan if assessment.gate.score is None else assessment.gate.score,
+            "referral": None if referral is None else referral.refer,
+            "quality_issue": "; ".join(issue.message for issue in assessment.quality_issues)}
 
 
 class SkinSensePyfunc(mlflow.pyfunc.PythonModel):
-    """Wraps a model folder (weights.safetensors + model_card.json, optionally model.onnx)."""
+    """Wraps a model folder (weights.safetensors + model_card.json, optionally model.onnx
+    and ood_gate.safetensors)."""
 
     def load_context(self, context) -> None:
         self.predictor = Predictor.from_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
@@ -35,4 +62,9 @@ class SkinSensePyfunc(mlflow.pyfunc.PythonModel):
         else:
             images = list(model_input)
         images = [base64.b64decode(im) if isinstance(im, str) else im for im in images]
-        return pd.DataFrame(self.predictor.predict_proba(images), columns=list(CLASS_CODES))
+        rows = [assessment_row(a) for a in self.predictor.assess_many(images)]
+        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        # object columns: True/False, or None where the verdict is unknown (JSON null).
+        for column in ("in_domain", "referral"):
+            frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+        return frame

@@ -1,0 +1,216 @@
+"""The out-of-domain gate: the statistics, the threshold, the file, and a trained model's gate
+refusing real non-dermatoscopic photos."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import mahalanobis
+from sklearn.covariance import LedoitWolf
+
+from skinsense.evaluation import ood_report
+from skinsense.gate import (
+    ABSENT,
+    GATE_FILE,
+    GateError,
+    choose_threshold,
+    fit_gate,
+    load_gate,
+    save_gate,
+)
+
+D = 16
+
+
+def gaussian_classes(rng: np.random.Generator, n_per_class: int, *, shift: float = 0.0):
+    """Three classes in D dimensions sharing one correlated covariance."""
+    mixing = np.random.default_rng(0).normal(size=(D, D)) / np.sqrt(D)
+    means = np.random.default_rng(1).normal(scale=3.0, size=(3, D))
+    labels = np.repeat(np.arange(3), n_per_class) * 2  # class indices 0, 2, 4 (akiec, bkl, mel)
+    features = rng.normal(size=(len(labels), D)) @ mixing + means[labels // 2] + shift
+    return features, labels
+
+
+def test_fit_uses_class_means_and_the_ledoit_wolf_precision():
+    features, labels = gaussian_classes(np.random.default_rng(2), 300)
+    gate = fit_gate(features, labels, weights_sha256="abc")
+    assert list(gate.class_indices) == [0, 2, 4]
+    np.testing.assert_allclose(gate.class_means[1], features[labels == 2].mean(axis=0))
+    centred = features - gate.class_means[np.searchsorted(gate.class_indices, labels)]
+    reference = LedoitWolf(assume_centered=True).fit(centred)
+    np.testing.assert_allclose(gate.precision, reference.precision_)
+    assert 0 <= gate.shrinkage <= 1 and gate.n_images == 900
+    # The score is the smallest Mahalanobis distance, as scipy computes it.
+    x = features[:5] + 0.5
+    expected = [min(mahalanobis(row, mean, gate.precision) for mean in gate.class_means)
+                for row in x]
+    np.testing.assert_allclose(gate.scores(x), expected, rtol=1e-9)
+
+
+def test_in_domain_images_pass_at_the_configured_rate_and_shifted_ones_do_not():
+    rng = np.random.default_rng(3)
+    gate = fit_gate(*gaussian_classes(rng, 400))
+    val, _ = gaussian_classes(rng, 700)
+    threshold = choose_threshold(gate.scores(val), 95)
+    assert np.mean(gate.scores(val) <= threshold) == pytest.approx(0.95, abs=1 / len(val))
+    fresh, _ = gaussian_classes(rng, 2000)            # 6,000 new in-domain samples
+    passed = np.mean(gate.scores(fresh) <= threshold)
+    assert passed == pytest.approx(0.95, abs=0.015)   # ~5 binomial standard errors
+    far, _ = gaussian_classes(rng, 100, shift=4.0)
+    assert np.mean(gate.scores(far) > threshold) > 0.99
+
+
+def test_fewer_features_than_dimensions_still_give_a_usable_gate():
+    # A few hundred training images of 1,280-dimensional features: the sample covariance
+    # is singular, Ledoit-Wolf's shrinkage is what makes the precision exist.
+    rng = np.random.default_rng(4)
+    features, labels = rng.normal(size=(60, 200)), np.repeat(np.arange(6), 10)
+    gate = fit_gate(features, labels)
+    assert np.isfinite(gate.scores(rng.normal(size=(3, 200)))).all()
+
+
+def test_save_and_load_round_trip_and_a_stale_gate_is_refused(tmp_path):
+    features, labels = gaussian_classes(np.random.default_rng(5), 100)
+    gate = fit_gate(features, labels, weights_sha256="sha-of-weights")
+    path = save_gate(gate, tmp_path)
+    assert path.name == GATE_FILE and not list(tmp_path.glob(".*tmp"))
+    loaded, note = load_gate(tmp_path, weights_sha256="sha-of-weights")
+    assert note == "" and loaded.weights_sha256 == "sha-of-weights"
+    np.testing.assert_allclose(loaded.scores(features[:20]), gate.scores(features[:20]), rtol=1e-4)
+    stale, why = load_gate(tmp_path, weights_sha256="other weights")
+    assert stale is None and "other weights than the current ones" in why
+    assert load_gate(tmp_path / "nothing-here") == (None, ABSENT)
+    # safetensors: a header of JSON and raw arrays, nothing that unpickles.
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    assert set(header) == {"__metadata__", "class_means", "precision", "class_indices"}
+    assert json.loads(header["__metadata__"]["classes"]) == ["akiec", "bkl", "mel"]
+
+
+@pytest.mark.parametrize("features,labels,message", [
+    (np.full((4, 3), np.nan), np.zeros(4), "NaN"),
+    (np.zeros((1, 3)), np.zeros(1), "at least 2"),
+    (np.zeros((4, 3)), np.zeros(3), r"\(N,\) labels"),
+])
+def test_bad_inputs_to_the_fit_are_refused_clearly(features, labels, message):
+    with pytest.raises(GateError, match=message):
+        fit_gate(features, labels)
+
+
+def test_threshold_errors():
+    with pytest.raises(GateError, match=r"\(0, 100\]"):
+        choose_threshold(np.ones(3), 0)
+    with pytest.raises(GateError, match="no usable"):
+        choose_threshold(np.array([]), 95)
+
+
+def test_ood_report_on_hand_made_scores():
+    in_scores = np.arange(1, 21, dtype=float)           # 20 in-domain images
+    report = ood_report(in_scores, np.array([25.0, 30.0, 10.5, 19.5]), threshold=18.5)
+    # Two of the four foreign images score above every in-domain one; 10.5 sits above 10
+    # of the 20 in-domain scores and 19.5 above 19: AUROC = (20 + 20 + 10 + 19) / 80.
+    assert report["ood_auroc"] == pytest.approx(69 / 80)
+    # Accepting 95% of the in-domain images (19 of 20) means accepting scores up to 19:
+    # of the foreign images, 10.5 is accepted too.
+    assert report["ood_fpr_at_95_tpr"] == pytest.approx(1 / 4)
+    assert report["ood_rate"] == pytest.approx(2 / 20)   # 19 and 20 are refused at 18.5
+    assert report["ood_reference_refused"] == pytest.approx(3 / 4)
+
+
+def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch):
+    from skinsense.ood_reference import SKIMAGE_IMAGES, non_dermatoscopic_images
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the reference images must not be downloaded")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    images = non_dermatoscopic_images()
+    names = [name for name, _ in images]
+    assert set(SKIMAGE_IMAGES) <= set(names)
+    assert {"cat", "astronaut", "rocket", "text", "retina", "immunohistochemistry",
+            "web_page_screenshot"} <= set(names)
+    assert len(names) == len(set(names)) >= 25
+    assert all(image.mode == "RGB" and min(image.size) >= 25 for _, image in images)
+
+
+# -- a model trained on the synthetic sample ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_with_gate(cached_sample, tmp_path_factory):
+    """resnet18 trained 2 epochs on the synthetic sample, calibrated with its gate, evaluated."""
+    from skinsense.config import TrainConfig
+    from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
+    from skinsense.training.loop import fit
+
+    cache, oversampled = cached_sample
+    out = tmp_path_factory.mktemp("gate-model")
+    cfg = TrainConfig(archs=["resnet18"], epochs=2, batch_size=32, lr=2e-3, pretrained=False,
+                      num_workers=0, seed=1, progress=False)
+    model_dir = fit(cache, "resnet18", cfg, out_dir=out / "run",
+                    class_weights=oversampled.class_weights).model_dir
+    calibration = calibrate_model_dir(model_dir, cache.val, referral_sensitivity=0.9,
+                                      train_split=cache.train, gate_percentile=95)
+    result = evaluate_model_dir(model_dir, cache.test, out_dir=out / "eval",
+                                bootstrap_resamples=100)
+    return model_dir, calibration, result, cache
+
+
+@pytest.mark.slow
+def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with_gate):
+    from skinsense.evaluation import training_originals
+    from skinsense.packaging import load_card
+
+    model_dir, calibration, result, cache = trained_with_gate
+    card = load_card(model_dir)
+    assert (model_dir / GATE_FILE).is_file()
+    assert card.ood_threshold == calibration.ood_threshold and card.ood_percentile == 95
+    # Fitted on the original training images only, not on the oversampled copies.
+    originals = training_originals(cache.train)
+    assert calibration.ood_gate_images == len(originals) < cache.train.n
+    assert card.ood_gate["train_images"] == len(originals)
+    # The threshold is the validation part's 95th percentile: ~5% of it is refused.
+    assert calibration.val_ood_rate <= 0.05 + 1 / cache.val.n
+    metrics = result.metrics
+    assert metrics["ood_auroc"] >= 0.95, metrics
+    # In-domain test images pass at about the configured rate (37 images: allow for chance;
+    # P(6 or more of 37 refused | 5%) is under 2%).
+    assert metrics["ood_rate"] <= 5 / 37 + 1e-9
+    assert metrics["ood_reference_refused"] >= 0.75
+    # The point of Mahalanobis: it beats the max-softmax baseline.
+    assert metrics["ood_auroc"] > metrics["ood_auroc_max_softmax"]
+    assert {p.name for p in result.artifacts} >= {"ood_scores.png", "ood_reference_scores.csv"}
+    report = json.loads(result.report_json.read_text())
+    assert report["ood_gate"]["threshold"] == card.ood_threshold
+
+
+@pytest.mark.slow
+def test_the_served_gate_scores_as_the_evaluation_did(trained_with_gate):
+    """The app's predictor (ONNX Runtime and PyTorch) gives a reference image the score the
+    evaluation gave it, and refuses it; a refused image still carries its probabilities."""
+    import pandas as pd
+
+    from skinsense.export import export_onnx
+    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.serving.predictor import Predictor
+
+    model_dir, _, result, _ = trained_with_gate
+    scores = pd.read_csv(result.report_json.parent / "ood_reference_scores.csv")
+    export_onnx(model_dir)
+    cat = dict(non_dermatoscopic_images())["cat"]
+    buffer = io.BytesIO()
+    cat.save(buffer, "PNG")
+    expected = float(scores.set_index("image").loc["cat", "ood_score"])
+    refused = bool(scores.set_index("image").loc["cat", "refused"])
+    for backend in ("onnxruntime", "torch"):
+        predictor = Predictor.from_model_dir(model_dir, backend=backend)
+        assert predictor.backend == backend and predictor.gate is not None
+        assessment = predictor.assess(buffer.getvalue())
+        assert assessment.gate.status == "on"
+        assert assessment.gate.score == pytest.approx(expected, rel=1e-3)
+        assert assessment.gate.in_domain is (not refused)
+        assert sum(assessment.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
