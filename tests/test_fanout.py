@@ -1,14 +1,12 @@
 """Training fanned out over the work pool (`train.fan_out`).
 
 Unit tests of what crosses machines (the image cache by home-relative path and checksum, the
-model folder through MLflow), and one end-to-end test: the local stack with two process
-workers runs a pipeline whose two architectures train in two child runs on two workers.
+model folder through MLflow); the end-to-end run on two workers is in tests/test_stack_runs.py.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,6 @@ from skinsense.handoff import (
     receive_model_dir,
 )
 from skinsense.paths import Home
-from test_stack import free_ports
 
 
 @pytest.fixture
@@ -190,133 +187,3 @@ def test_stack_up_takes_a_worker_count():
     assert build_parser().parse_args(["stack", "up"]).workers == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["stack", "up", "--workers", "-1"])
-
-
-# -- end to end: two workers, one pool -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def stack_with_two_workers(tmp_path_factory):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from skinsense import stack
-
-    root = tmp_path_factory.mktemp("fanout-home")
-    prefect_port, mlflow_port, app_port = free_ports(3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKINSENSE_HOME", str(root))
-        mp.delenv("PREFECT_HOME", raising=False)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        # Workers and the runner look for new runs every 2 s instead of 10.
-        mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
-        mp.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "2")
-        try:
-            records = stack.up(root, prefect_port=prefect_port, mlflow_port=mlflow_port,
-                               app_port=app_port, with_app=False, workers=2)
-            api = f"http://127.0.0.1:{prefect_port}/api"
-            with temporary_settings(updates={PREFECT_API_URL: api}):
-                with get_client(sync_client=True) as client:
-                    yield {"client": client, "root": root, "records": records,
-                           "mlflow": f"http://127.0.0.1:{mlflow_port}"}
-        finally:
-            stopped = stack.down(root)
-            assert {"worker-1", "worker-2"} <= set(stopped)
-
-
-def wait_final(client, flow_run_id, timeout_s: float = 600):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        time.sleep(2)
-    raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout_s} s")
-
-
-def fan_out_parameters(source: Path, **train) -> dict:
-    return {"config": {
-        "data": {"source": str(source), "cache_workers": 2},
-        "train": {"archs": ["resnet18", "efficientnet_b0"], "epochs": 1, "image_size": 32,
-                  "batch_size": 32, "pretrained": False, "num_workers": 0, "fan_out": True,
-                  **train},
-        "eval": {"measure_efficiency": False},
-        "serve": {"deploy": False},
-    }}
-
-
-def children_of(client, parent_id) -> dict:
-    """The child flow runs of a pipeline run, by architecture (their subflow links)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
-    return {r.parameters["request"]["arch"]: r for r in runs}
-
-
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_two_workers_train_the_architectures_of_one_pipeline_run(stack_with_two_workers,
-                                                                 synthetic_sample, tmp_path):
-    from mlflow import MlflowClient
-
-    from deployments.definitions import TRAIN_DEPLOYMENT
-
-    client, root = stack_with_two_workers["client"], stack_with_two_workers["root"]
-    by_name = {r["name"]: r for r in stack_with_two_workers["records"]}
-    assert by_name["worker-1"]["healthy"] and by_name["worker-2"]["healthy"]
-    assert (root / "stack" / "worker-1.log").exists() and (root / "stack" / "worker-2.log").exists()
-    train_deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
-    assert train_deployment.work_pool_name == "skinsense-gpu"
-
-    pipeline = client.read_deployment_by_name("skinsense-pipeline/manual")
-    created = client.create_flow_run_from_deployment(
-        pipeline.id, parameters=fan_out_parameters(synthetic_sample))
-    run = wait_final(client, created.id)
-    assert run.state.is_completed(), f"{run.state}: see {root}/stack/runner.log"
-
-    children = children_of(client, created.id)
-    assert set(children) == {"resnet18", "efficientnet_b0"}
-    assert all(c.state.is_completed() and c.deployment_id == train_deployment.id
-               for c in children.values())
-    workers = {arch: c.labels["prefect.worker.name"] for arch, c in children.items()}
-    assert len(set(workers.values())) == 2, workers  # one child on each worker
-    pids = {c.infrastructure_pid for c in children.values()}
-    assert len(pids) == 2
-    # ... at the same time: each started before the other ended.
-    assert max(c.start_time for c in children.values()) < min(c.end_time for c in children.values())
-    assert all(c.name == f"{run.name}-{arch}" for arch, c in children.items())
-
-    mlflow = MlflowClient(tracking_uri=stack_with_two_workers["mlflow"],
-                          registry_uri=stack_with_two_workers["mlflow"])
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name("skinsense").experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("prefect_flow_run_id") == str(created.id)
-                  and r.data.tags.get("skinsense.kind") == "pipeline")
-    arch_runs = {r.info.run_name: r for r in runs
-                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(arch_runs) == {"resnet18", "efficientnet_b0"}
-    assert {r.data.tags["skinsense.worker"].split("@")[0] for r in arch_runs.values()} == \
-        set(workers.values())
-    assert parent.info.status == "FINISHED"
-    # The parent registered the best child's model (the first listed wins a tie).
-    scores = {arch: r.data.metrics["test_balanced_accuracy"] for arch, r in arch_runs.items()}
-    champion = mlflow.get_model_version_by_alias("skinsense", "champion")
-    assert champion.run_id == arch_runs[champion.tags["arch"]].info.run_id
-    assert scores[champion.tags["arch"]] == max(scores.values()), scores
-
-    # A worker that does not see the shared SKINSENSE_HOME: that child fails with the reason,
-    # the pipeline fails naming it, and the other child's results are kept.
-    elsewhere = tmp_path / "not-shared"
-    created = client.create_flow_run_from_deployment(pipeline.id, parameters=fan_out_parameters(
-        synthetic_sample, job_variables={"resnet18": {"env": {"SKINSENSE_HOME": str(elsewhere)}}}))
-    run = wait_final(client, created.id)
-    assert run.state.is_failed()
-    children = children_of(client, created.id)
-    assert children["resnet18"].state.is_failed()
-    assert children["efficientnet_b0"].state.is_completed()
-    assert "resnet18" in run.state.message and "not on this worker" in run.state.message, \
-        run.state.message
-    runs = mlflow.search_runs([parent.info.experiment_id])
-    failed_parent = next(r for r in runs if r.data.tags.get("prefect_flow_run_id") == str(created.id)
-                         and r.data.tags.get("skinsense.kind") == "pipeline")
-    assert failed_parent.info.status == "FAILED"
-    assert "efficientnet_b0.test_balanced_accuracy" in failed_parent.data.metrics

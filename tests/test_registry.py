@@ -62,6 +62,7 @@ def register(tmp_path, experiment_id, name, score, test_key="k1", rescore=None):
         test_key=test_key, score_champion=rescore or (lambda _: pytest.fail("no re-scoring")))
 
 
+@pytest.mark.slow
 def test_better_worse_better_gives_the_right_champion(tmp_path, store):
     first = register(tmp_path, store, "a", 0.50)
     assert first.promoted and registry.current_champion("skin") == first.version

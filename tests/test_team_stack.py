@@ -19,7 +19,7 @@ import requests
 
 from local_postgres import LocalPostgres, unavailable_reason
 from skinsense import stack, stack_auth
-from test_deployments import tiny_parameters, wait_final
+from flow_runs import tiny_parameters, wait_final
 from test_stack import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
