@@ -207,6 +207,9 @@ CAM_TARGET_LAYERS: tuple[tuple[str, str], ...] = (
     (r"efficientnet_(b[0-7]|v2_[sml])", "features[-1]"),
     (r"maxvit_t", "blocks[-1]"),
     (r"(resnet(18|34|50|101|152)|resnext\w+|wide_resnet\w+)", "layer4"),
+    # The last convolution block before the pooling, as features[-1] is for the EfficientNets
+    # (the small network of the README's offline demo).
+    (r"shufflenet_v2_x\d_\d", "conv5"),
 )
 
 
@@ -221,7 +224,7 @@ def cam_target_layer_path(arch: str) -> str:
             return path
     raise NoExplanationError(
         f"no explanation for this architecture: SkinSense knows the Grad-CAM target layer of "
-        f"the EfficientNets, maxvit_t and the resnets, not of {arch}")
+        f"the EfficientNets, maxvit_t, the resnets and ShuffleNetV2, not of {arch}")
 
 
 def cam_target_layer(model: nn.Module, arch: str) -> nn.Module:

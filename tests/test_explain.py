@@ -30,6 +30,7 @@ SIZE, UPLOAD = 64, 256
     ("maxvit_t", "blocks[-1]", "MaxVitBlock"),
     ("resnet18", "layer4", "Sequential"),
     ("resnet50", "layer4", "Sequential"),
+    ("shufflenet_v2_x1_0", "conv5", "Sequential"),
 ])
 def test_the_registry_names_each_architectures_target_layer(arch, path, kind):
     assert cam_target_layer_path(arch) == path
@@ -38,7 +39,7 @@ def test_the_registry_names_each_architectures_target_layer(arch, path, kind):
     layer = cam_target_layer(model, arch)
     assert type(layer).__name__ == kind
     expected = {"features[-1]": lambda m: m.features[-1], "blocks[-1]": lambda m: m.blocks[-1],
-                "layer4": lambda m: m.layer4}[path](model)
+                "layer4": lambda m: m.layer4, "conv5": lambda m: m.conv5}[path](model)
     assert layer is expected
 
 
