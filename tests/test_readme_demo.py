@@ -42,9 +42,12 @@ def test_the_readme_demo_runs_as_written_on_a_fresh_machine(tmp_path, free_port)
         assert result["app_url"] == url and result["promoted"] is True
         assert health(url)["version"] == result["version"]
         assert check_prediction(url)  # a real HAM10000 example, through gradio_client
-        # The demo shows a comparison: every model learns (chance is 1/7), none is perfect.
+        # The demo shows a comparison: the best model is good but not perfect, and the
+        # second clearly learns too (chance is 1/7 = 0.14).
         scores = {arch: m["balanced_accuracy"] for arch, m in result["metrics"].items()}
-        assert all(0.3 < s < 0.99 for s in scores.values()), scores
+        best, second = sorted(scores.values(), reverse=True)[:2]
+        assert 0.6 <= best <= 0.95, scores
+        assert second > 0.4, scores
         # Prefect ran in the newcomer's own (new) PREFECT_HOME.
         assert Path(run.env["PREFECT_HOME"], "prefect.db").is_file()
     finally:
