@@ -251,6 +251,13 @@ class TrainConfig(_Strict):
                     f"num_nodes={self.num_nodes} needs rdzv_endpoint as HOST:PORT (an address "
                     f"of one of the nodes that all of them reach, e.g. gpu-1.lan:29400); got "
                     f"{self.rdzv_endpoint!r}")
+            if len(self.archs) > 1 and (self.parallel_archs or self.fan_out):
+                # Trainings at the same time would all meet at the one rendezvous address.
+                raise ValueError(
+                    f"num_nodes={self.num_nodes} trains one architecture at a time over the "
+                    f"rendezvous at {self.rdzv_endpoint}; turn off "
+                    f"{'fan_out' if self.fan_out else 'parallel_archs'} or train "
+                    f"{len(self.archs)} architectures in separate runs")
         unknown = set(self.job_variables) - set(self.archs) - {"*"}
         if unknown:
             raise ValueError(f"job_variables names architecture(s) {sorted(unknown)} that are "

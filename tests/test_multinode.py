@@ -40,6 +40,13 @@ def test_multi_node_settings_are_checked_up_front():
         TrainConfig(archs=["resnet18"], num_nodes=2)
     with pytest.raises(ValueError, match="needs rdzv_endpoint as HOST:PORT"):
         TrainConfig(archs=["resnet18"], num_nodes=2, rdzv_endpoint="gpu-1.lan")
+    # Two trainings at once would meet at the same rendezvous port.
+    for at_once in ({"parallel_archs": True}, {"fan_out": True}):
+        with pytest.raises(ValueError, match="one architecture at a time"):
+            TrainConfig(archs=["resnet18", "mobilenet_v3_small"], num_nodes=2,
+                        rdzv_endpoint="gpu-1.lan:29400", **at_once)
+        TrainConfig(archs=["resnet18"], num_nodes=2, rdzv_endpoint="gpu-1.lan:29400",
+                    **at_once)
     # Scheduling settings do not change what a training produces: same run folder.
     plain = TrainConfig(archs=["resnet18"])
     assert TrainConfig(archs=["resnet18"], fan_out=True, rdzv_timeout_s=60).run_key() == \
