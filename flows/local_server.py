@@ -76,5 +76,6 @@ def explain_timeout(timeout: int, prefect_message: str) -> str:
         f"the next start is quicker); or allow more time, e.g. "
         f"{TIMEOUT_VARIABLE}=600; or start a long-running server once (`./run stack up`, or "
         f"`prefect server start`) and set PREFECT_API_URL=http://127.0.0.1:4200/api."
-        + (f"\nThe server process said: {said[-2000:]}" if said else "")
+        + (f"\nThe server process said (if it stopped with an error, Prefect still waited "
+           f"the whole {timeout} s; fix what it says first): {said[-2000:]}" if said else "")
     )
