@@ -374,36 +374,51 @@ def publish_candidate(candidate: Candidate, home: Home) -> ArchResult:
 
 
 def receive_candidates(outcomes: list[ChildOutcome], home: Home) -> list[Candidate]:
-    """The candidates of the child runs that completed, with their model folders here."""
+    """The candidates of the child runs that completed, with their model folders here.
+
+    Raises:
+        FanOutError: a completed child's model could not be received here; the message also
+            names every child run that did not complete, so that neither hides the other.
+    """
     from skinsense import tracking
     from skinsense.handoff import rebase_evaluation, receive_model_dir
 
     tracking.configure(home)
-    candidates = []
+    candidates, unreceived = [], []
     for outcome in outcomes:
         if outcome.result is None:
             continue
         result = outcome.result
-        model_dir = receive_model_dir(result, home)
+        try:
+            model_dir = receive_model_dir(result, home)
+        except Exception as exc:  # noqa: BLE001 - reported with the children's failures
+            unreceived.append(f"- {result.arch}: its child run completed, but its model "
+                              f"({result.model_uri}) could not be received here: {exc}")
+            continue
         candidates.append(Candidate(arch=result.arch, model_dir=model_dir, run_id=result.run_id,
                                     image_size=result.image_size,
                                     test_metrics=result.test_metrics,
                                     evaluation=rebase_evaluation(result, home, model_dir)))
+    if unreceived:
+        raise FanOutError(_fan_out_failures(outcomes, unreceived))
     return candidates
 
 
 def check_children(outcomes: list[ChildOutcome]) -> None:
     """Raise `FanOutError` naming every child run that did not complete, and why."""
+    if any(not o.ok for o in outcomes):
+        raise FanOutError(_fan_out_failures(outcomes, []))
+
+
+def _fan_out_failures(outcomes: list[ChildOutcome], unreceived: list[str]) -> str:
     failed = [o for o in outcomes if not o.ok]
-    if not failed:
-        return
     lines = [f"- {o.arch}: child run '{o.flow_run_name}' ({o.flow_run_id}) ended {o.state}"
              + (f" on {o.worker}" if o.worker else "") + f": {o.message or 'no message'}"
-             for o in failed]
+             for o in failed] + unreceived
     kept = [f"{o.arch} (MLflow run {o.result.run_id}, trained on {o.result.worker})"
             for o in outcomes if o.result is not None]
-    raise FanOutError(
-        f"{len(failed)} of {len(outcomes)} architecture(s) failed to train on the work pool:\n"
+    return (
+        f"{len(lines)} of {len(outcomes)} architecture(s) failed to train on the work pool:\n"
         + "\n".join(lines)
-        + ("\nThe others finished; their runs and models are kept: " + ", ".join(kept)
+        + ("\nThe trainings that finished are kept in MLflow: " + ", ".join(kept)
            + ". A new pipeline run reuses their finished trainings." if kept else ""))
