@@ -101,30 +101,44 @@ def _splits(cache: ImageCache) -> dict[str, CachedSplit]:
 
 
 def _rebased(cache: ImageCache, to_path) -> ImageCache:
-    update = {name: split.model_copy(update={"images_npy": to_path(split.images_npy),
-                                             "labels_npy": to_path(split.labels_npy)})
-              for name, split in _splits(cache).items()}
+    update = {name: split.model_copy(update={
+        "images_npy": to_path(split.images_npy), "labels_npy": to_path(split.labels_npy),
+        # The evaluation reads lesions and subgroups from it: it crosses machines too.
+        "manifest_csv": to_path(split.manifest_csv) if split.manifest_csv else None})
+        for name, split in _splits(cache).items()}
     return cache.model_copy(update=update)
 
 
-def _checksums(paths: list[Path], record: Path) -> tuple[dict[str, str], dict[str, dict]]:
+def _cache_files(cache: ImageCache) -> list[Path]:
+    """Every file a child reads: the arrays first (their folder holds the record), then the
+    manifests the parts were cached from."""
+    splits = _splits(cache).values()
+    arrays = [Path(p) for split in splits for p in (split.images_npy, split.labels_npy)]
+    manifests = {Path(split.manifest_csv) for split in splits if split.manifest_csv}
+    return arrays + sorted(manifests)
+
+
+def _checksums(files: dict[str, Path], record: Path) -> tuple[dict[str, str], dict[str, dict]]:
     """SHA-256 of each file, reusing those in `record` for files unchanged since then.
 
+    Args:
+        files: key (the home-relative path) -> the file.
+
     Returns:
-        `(file name -> SHA-256, file name -> {"stamp": [size, mtime_ns], "sha256": ...})`.
+        `(key -> SHA-256, key -> {"stamp": [size, mtime_ns], "sha256": ...})`.
     """
     try:
         known = json.loads(record.read_text()).get("stat", {})
     except (OSError, ValueError):
         known = {}
     sums, stats = {}, {}
-    for path in paths:
+    for key, path in files.items():
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
-        entry = known.get(path.name)
-        sums[path.name] = (entry["sha256"] if entry and entry.get("stamp") == stamp
-                           else sha256_file(path))
-        stats[path.name] = {"stamp": stamp, "sha256": sums[path.name]}
+        entry = known.get(key)
+        sums[key] = (entry["sha256"] if entry and entry.get("stamp") == stamp
+                     else sha256_file(path))
+        stats[key] = {"stamp": stamp, "sha256": sums[key]}
     return sums, stats
 
 
@@ -138,11 +152,9 @@ def publish_cache(cache: ImageCache, fingerprint: str, home: Home) -> DataHandof
     Raises:
         HandoffError: a cache file is not under SKINSENSE_HOME.
     """
-    paths = [p for split in _splits(cache).values() for p in (split.images_npy, split.labels_npy)]
-    folder = Path(paths[0]).parent
-    record = folder / HANDOFF_FILE
-    sums, stats = _checksums([Path(p) for p in paths], record)
-    files = {str(_relative(p, home)): sums[Path(p).name] for p in paths}
+    paths = _cache_files(cache)
+    record = paths[0].parent / HANDOFF_FILE
+    files, stats = _checksums({str(_relative(p, home)): p for p in paths}, record)
     tmp = record.with_name(f"{HANDOFF_FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": files,
                                "stat": stats}, indent=1, sort_keys=True))

@@ -45,7 +45,13 @@ def two_homes(tmp_path):
         np.save(images, rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
         np.save(labels, rng.integers(0, 7, n).astype(np.int64))
         splits[name] = CachedSplit(images_npy=images, labels_npy=labels, size=32, n=n)
-    shutil.copytree(parent.cache, child.cache, dirs_exist_ok=True)
+    # The evaluation reads the test part's manifest (lesions, subgroups) on the child too.
+    manifest = parent.root / "splits" / "seed0" / "test.csv"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("image_id,lesion_id,dx\n" + "".join(
+        f"ISIC_{i},HAM_{i},nv\n" for i in range(4)))
+    splits["test"] = splits["test"].model_copy(update={"manifest_csv": manifest})
+    shutil.copytree(parent.root, child.root, dirs_exist_ok=True)
     return ImageCache(size=32, key=folder.name, **splits), parent, child
 
 
@@ -64,6 +70,8 @@ def test_a_child_reads_the_cache_the_parent_prepared_by_home_relative_path(two_h
     _copy_record(parent, child, handoff)
     received = receive_cache(handoff, child)
     assert received.train.images_npy == child.root / handoff.cache.train.images_npy
+    assert received.test.manifest_csv == child.root / "splits" / "seed0" / "test.csv"
+    assert "splits/seed0/test.csv" in handoff.files
     assert received.train.n == cache.train.n and received.key == cache.key
     # A second publication of unchanged files reuses their checksums.
     again = publish_cache(cache, "f" * 64, parent)
@@ -88,6 +96,12 @@ def test_a_child_refuses_other_data_with_a_clear_error(two_homes, tmp_path):
     with pytest.raises(HandoffError, match="not on this worker.*must mount the pipeline's "
                                            "SKINSENSE_HOME"):
         receive_cache(handoff, Home(tmp_path / "empty").ensure())
+
+    labels.write_bytes(labels.read_bytes()[:-1] + b"\x00")
+    manifest = child.root / "splits" / "seed0" / "test.csv"
+    manifest.write_text(manifest.read_text().replace("nv", "mel"))
+    with pytest.raises(HandoffError, match="test.csv .* does not have the checksum"):
+        receive_cache(handoff, child)
 
 
 @pytest.mark.slow  # an MLflow SQLite store takes ~8 s to create
@@ -152,6 +166,25 @@ def test_a_failed_child_is_named_with_its_reason_and_the_others_are_kept():
            "exception: HandoffError" in text
     assert "resnet18 (MLflow run r1, trained on w1@host)" in text
     stages.check_children(outcomes[:1])  # all completed: nothing raised
+
+
+def test_a_model_that_cannot_be_received_is_reported_with_the_failed_children(tmp_path):
+    """Receiving comes before the children are checked: its failure names both."""
+    lost = ArchResult.model_construct(arch="resnet18", run_id="0" * 32, worker="w1@host",
+                                      model_dir="runs/gone/model", model_files={},
+                                      model_uri=f"runs:/{'0' * 32}/model_folder")
+    outcomes = [
+        stages.ChildOutcome(arch="resnet18", flow_run_id="1", flow_run_name="p-resnet18",
+                            state="Completed", result=lost),
+        stages.ChildOutcome(arch="maxvit_t", flow_run_id="2", flow_run_name="p-maxvit_t",
+                            state="Crashed", message="worker lost"),
+    ]
+    with pytest.raises(stages.FanOutError) as failure:
+        stages.receive_candidates(outcomes, Home(tmp_path / "home").ensure())
+    text = str(failure.value)
+    assert "2 of 2 architecture(s) failed" in text
+    assert "maxvit_t: child run 'p-maxvit_t' (2) ended Crashed: worker lost" in text
+    assert "resnet18: its child run completed, but its model (runs:/" in text
 
 
 def test_job_variables_per_architecture():
