@@ -525,3 +525,14 @@ def test_eight_clients_and_a_champion_swap_under_load(app, store, template):
     assert health(app)["version"] == new_version
     # The swap happened during the load: both versions answered requests.
     assert {before, new_version} <= set(answered_by)
+
+
+def test_an_unsure_answer_says_so_and_claims_calibration_only_when_fitted():
+    from skinsense.serving.app import likely_wrong_note
+
+    sure = {"nv": 0.7, "mel": 0.2, "bkl": 0.1}
+    unsure = {"nv": 0.4, "mel": 0.35, "bkl": 0.25}
+    assert likely_wrong_note(sure, calibrated=True) == ""
+    assert "more likely wrong than right" in likely_wrong_note(unsure, calibrated=True)
+    plain = likely_wrong_note(unsure, calibrated=False)
+    assert "40%" in plain and "not calibrated" in plain and "wrong" not in plain

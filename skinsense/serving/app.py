@@ -145,13 +145,20 @@ def quality_message(assessment: Assessment) -> str:
     return verdict_html("quality", "Cannot classify this image:", f"</p><ul>{reasons}</ul><p>")
 
 
-def likely_wrong_note(probabilities: dict[str, float]) -> str:
-    """A note when the top class is more likely wrong than right (calibrated < 50%)."""
+def likely_wrong_note(probabilities: dict[str, float], *, calibrated: bool) -> str:
+    """A note when the top class has less than one chance in two.
+
+    Only calibrated probabilities (a card with a fitted temperature) support "more likely
+    wrong than right"; a card from before calibration gets the plain fact.
+    """
     top = max(probabilities.values())
     if top >= 0.5:
         return ""
-    return (f"\n\n*The model is unsure: its top class has {top:.0%}, so (its probabilities "
-            f"being calibrated) it is more likely wrong than right about the class.*")
+    if calibrated:
+        return (f"\n\n*The model is unsure: its top class has {top:.0%}, and its probabilities "
+                f"are calibrated, so it is more likely wrong than right about the class.*")
+    return (f"\n\n*The model is unsure: its top class has only {top:.0%} (this model's "
+            f"probabilities are not calibrated).*")
 
 
 class LesionImage(gr.Image):
@@ -208,7 +215,9 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
     def details_text(model: LoadedModel, assessment: Assessment, *,
                      gate_note: bool = True) -> str:
         text = describe_top(assessment.probabilities)
-        text += likely_wrong_note(assessment.probabilities)
+        # A fitted temperature is never exactly 1; a card from before calibration has 1.
+        text += likely_wrong_note(assessment.probabilities,
+                                  calibrated=model.predictor.card.temperature != 1.0)
         if gate_note and assessment.gate.status == "absent":
             text += f"\n\n*{NO_GATE}*"
         return text + answered_by(model)
