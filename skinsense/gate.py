@@ -183,14 +183,20 @@ def load_gate(model_dir: Path, *, weights_sha256: str | None = None) -> tuple[Oo
         return None, ABSENT
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-    tensors = load_file(str(path))
-    recorded = metadata.get("weights_sha256", "")
-    if weights_sha256 is not None and recorded != weights_sha256:
-        return None, (f"{GATE_FILE} was fitted on other weights than the current ones; "
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+        recorded = metadata.get("weights_sha256", "")
+        if weights_sha256 is not None and recorded != weights_sha256:
+            return None, (f"{GATE_FILE} was fitted on other weights than the current ones; "
+                          f"evaluate the model again to refit it")
+        return OodGate(class_means=tensors["class_means"], precision=tensors["precision"],
+                       class_indices=tensors["class_indices"], weights_sha256=recorded,
+                       shrinkage=float(metadata.get("shrinkage", "nan")),
+                       n_images=int(metadata.get("n_images", "0"))), ""
+    except Exception as exc:  # noqa: BLE001 - any damage: safetensors, keys, shapes
+        # A damaged gate file must not stop the model from serving: it serves without the
+        # gate, and the app and /health say so.
+        return None, (f"{GATE_FILE} could not be read ({type(exc).__name__}: {exc}); "
                       f"evaluate the model again to refit it")
-    return OodGate(class_means=tensors["class_means"], precision=tensors["precision"],
-                   class_indices=tensors["class_indices"], weights_sha256=recorded,
-                   shrinkage=float(metadata.get("shrinkage", "nan")),
-                   n_images=int(metadata.get("n_images", "0"))), ""

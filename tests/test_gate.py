@@ -88,6 +88,10 @@ def test_save_and_load_round_trip_and_a_stale_gate_is_refused(tmp_path):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8:8 + header_len])
     assert set(header) == {"__metadata__", "class_means", "precision", "class_indices"}
+    # A damaged file: the model serves without its gate, and says why.
+    path.write_bytes(path.read_bytes()[:40])
+    broken, why = load_gate(tmp_path, weights_sha256="sha-of-weights")
+    assert broken is None and f"{GATE_FILE} could not be read" in why
     assert json.loads(header["__metadata__"]["classes"]) == ["akiec", "bkl", "mel"]
 
 
