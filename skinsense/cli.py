@@ -424,11 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect-database-url",
                    help="Prefect's database, e.g. postgresql+asyncpg://USER:PASSWORD@HOST:5432/"
                         "prefect (env PREFECT_API_DATABASE_CONNECTION_URL; default SQLite in "
-                        "PREFECT_HOME)")
+                        "PREFECT_HOME). With a password, prefer the env variable: other users "
+                        "of the machine see command lines in `ps`")
     p.add_argument("--mlflow-backend-store-uri",
                    help="MLflow's runs and registry, e.g. postgresql://USER:PASSWORD@HOST:5432/"
-                        "mlflow (env MLFLOW_BACKEND_STORE_URI; default "
-                        "$SKINSENSE_HOME/mlflow/mlflow.db)")
+                        "mlflow (env MLFLOW_BACKEND_STORE_URI, better with a password; "
+                        "default $SKINSENSE_HOME/mlflow/mlflow.db)")
     p.add_argument("--mlflow-auth-database-uri",
                    help="MLflow's user database when logins are on (env "
                         "MLFLOW_AUTH_DATABASE_URI; default $SKINSENSE_HOME/mlflow/auth.db)")
