@@ -292,7 +292,9 @@ class EvalConfig(_Strict):
         0.0, ge=0, description="Promote only when better than the champion by more than this."
     )
     batch_size: int = Field(64, ge=1, description="Images per batch at evaluation.")
-    tta: bool = Field(False, description="Average predictions over flips at test time.")
+    tta: bool = Field(False, description="Average the test part's predictions over flips for "
+                      "the headline metrics; the app predicts without flips, so calibration, "
+                      "referral, gate and subgroup figures come from a plain pass.")
     measure_efficiency: bool = Field(
         True, description="Measure parameters, file size and CPU latency of each candidate."
     )

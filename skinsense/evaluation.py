@@ -910,14 +910,24 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     report = evaluation_report(y_true, probabilities)
     before = evaluation_report(y_true, uncalibrated)["metrics"]
     argmax_unchanged = _check_argmax_metrics(before, report["metrics"], model_dir)
+    # The app predicts without TTA, and the temperature, the referral threshold and the gate
+    # were fitted on plain passes: what they promise (calibration, referral, gate, subgroups)
+    # is measured on the plain pass; with tta only the headline report above differs.
+    served_logits, features = (predict_outputs(model_dir, split, batch_size=batch_size)
+                               if tta else (logits, features))
+    served_uncalibrated = calibrated_probabilities(served_logits, 1.0) if tta else uncalibrated
+    served = calibrated_probabilities(served_logits, card.temperature) if tta else probabilities
+    served_ece = ((evaluation_report(y_true, served)["metrics"]["ece"],
+                   evaluation_report(y_true, served_uncalibrated)["metrics"]["ece"]) if tta
+                  else (report["metrics"]["ece"], before["ece"]))
     metrics = report["metrics"] | {
-        "ece_uncalibrated": before["ece"],
-        "nll": negative_log_likelihood(logits, y_true, card.temperature),
-        "nll_uncalibrated": negative_log_likelihood(logits, y_true)}
+        "ece": served_ece[0], "ece_uncalibrated": served_ece[1],
+        "nll": negative_log_likelihood(served_logits, y_true, card.temperature),
+        "nll_uncalibrated": negative_log_likelihood(served_logits, y_true)}
     lesion_ids = None if manifest is None else manifest["lesion_id"].astype(str).to_numpy()
     referral: dict[str, Any] = {}
     if card.referral_threshold is not None:
-        referral = referral_report(y_true, probabilities, card.referral_threshold,
+        referral = referral_report(y_true, served, card.referral_threshold,
                                    lesion_ids=lesion_ids, n_resamples=bootstrap_resamples,
                                    seed=bootstrap_seed)
         metrics |= referral_metrics(referral)
@@ -931,7 +941,7 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     gate, gate_note = load_gate(model_dir, weights_sha256=weights_sha256(model_dir))
     if gate is not None and card.ood_threshold is not None and gate_reference:
         ood, ood_files = _evaluate_gate(model_dir, gate, card.ood_threshold, features,
-                                        probabilities, out_dir, card.arch, batch_size)
+                                        served, out_dir, card.arch, batch_size)
         metrics |= ood
     elif gate is not None and card.ood_threshold is not None:
         ood = {"ood_rate": float((gate.scores(features) > card.ood_threshold).mean())}
@@ -942,9 +952,9 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     if manifest is not None and subgroups:
         from skinsense import subgroups as audit
 
-        referred = (referral_scores(probabilities) >= card.referral_threshold
+        referred = (referral_scores(served) >= card.referral_threshold
                     if card.referral_threshold is not None else None)
-        table = audit.subgroup_metrics(manifest, y_true, probabilities.argmax(axis=1), referred,
+        table = audit.subgroup_metrics(manifest, y_true, served.argmax(axis=1), referred,
                                        min_images=subgroup_min_images,
                                        n_resamples=bootstrap_resamples, seed=bootstrap_seed)
         subgroup_files = list(audit.write(table, out_dir / "subgroups",
@@ -955,7 +965,8 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     report_json = out_dir / "evaluation.json"
     report_json.write_text(json.dumps(_json_safe(
         {"arch": card.arch, "n_images": len(y_true), "tta": tta, **report, "metrics": metrics,
-         "calibration": {"temperature": card.temperature, "ece_uncalibrated": before["ece"],
+         "calibration": {"temperature": card.temperature,
+                         "ece_uncalibrated": metrics["ece_uncalibrated"],
                          "ece": metrics["ece"], "nll_uncalibrated": metrics["nll_uncalibrated"],
                          "nll": metrics["nll"], "argmax_metrics_unchanged": argmax_unchanged},
          "referral": referral, "subgroup_gaps": subgroup_gaps, "efficiency": measured,
@@ -972,8 +983,9 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                  plots.plot_confusion_matrix(np.asarray(report["confusion_matrix"]),
                                              out_dir / "confusion_matrix.png",
                                              title=f"{card.arch}: confusion matrix"),
-                 *_draw_calibration_and_referral(out_dir, card.arch, y_true, uncalibrated,
-                                                 probabilities, metrics, card.temperature,
+                 *_draw_calibration_and_referral(out_dir, card.arch, y_true,
+                                                 served_uncalibrated, served, metrics,
+                                                 card.temperature,
                                                  referral),
                  *ood_files]
     if history:

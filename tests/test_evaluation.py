@@ -196,6 +196,15 @@ def test_evaluate_model_dir_writes_everything(model_dir, cached_part, tmp_path):
     assert report["per_class"]["df"]["roc_auc"] is None  # absent class: null, not NaN
     assert np.array(report["confusion_matrix"]).sum() == cached_part.n
     assert "mel" in (tmp_path / "eval" / "classification_report.txt").read_text()
+    # With tta the headline figures are the flips' average; what the app's rules promise
+    # (calibration here) is measured on the plain pass the app makes.
+    from skinsense.calibration import negative_log_likelihood
+
+    labels = np.load(cached_part.labels_npy)
+    plain, flipped = (predict_logits(model_dir, cached_part, tta=t) for t in (False, True))
+    assert result.metrics["nll"] == pytest.approx(negative_log_likelihood(plain, labels), rel=1e-5)
+    assert result.metrics["accuracy"] == pytest.approx(float(
+        (flipped.argmax(axis=1) == labels).mean()))
 
 
 def test_compare_models_writes_tables_and_figures(model_dir, cached_part, tmp_path):
