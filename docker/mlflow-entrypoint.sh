@@ -3,7 +3,8 @@
 # the user database (MLFLOW_AUTH_DATABASE_URI, in Postgres) and so holds a password: it is
 # written here, readable by this user only, from the environment compose passes. The admin
 # account (MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD) and MLFLOW_FLASK_SERVER_SECRET_KEY are read by
-# MLflow from the environment. Arguments go to `mlflow server`.
+# MLflow from the environment. Arguments go to `mlflow server`. The app gets an account of
+# its own that may only read (see below).
 set -eu
 python - "$MLFLOW_AUTH_CONFIG_PATH" <<'PY'
 import os
@@ -14,4 +15,26 @@ from skinsense.stack_auth import write_mlflow_auth_config
 
 write_mlflow_auth_config(Path(sys.argv[1]), os.environ["MLFLOW_AUTH_DATABASE_URI"])
 PY
+# The app's account (MLFLOW_APP_USERNAME/PASSWORD), which may only read: created, or its
+# password set, once the server answers. The server's port is the --port argument.
+if [ -n "${MLFLOW_APP_USERNAME:-}" ]; then
+  port=5000; previous=""
+  for argument in "$@"; do
+    [ "$previous" = "--port" ] && port=$argument
+    previous=$argument
+  done
+  python - "http://127.0.0.1:$port" <<'PY' &
+import os
+import sys
+
+from skinsense.stack_auth import ensure_mlflow_reader
+
+done = ensure_mlflow_reader(
+    sys.argv[1], (os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"),
+                  os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"]),
+    (os.environ["MLFLOW_APP_USERNAME"], os.environ["MLFLOW_APP_PASSWORD"]))
+print(f"mlflow-entrypoint: the app's read-only account {os.environ['MLFLOW_APP_USERNAME']!r} "
+      f"{done}", flush=True)
+PY
+fi
 exec mlflow server --app-name basic-auth "$@"

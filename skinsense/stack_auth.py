@@ -38,6 +38,9 @@ MLFLOW_ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
 MLFLOW_ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 MLFLOW_SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 MLFLOW_AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
+# Compose: the app's own MLflow account, which may only read (see `ensure_mlflow_reader`).
+MLFLOW_APP_USERNAME_ENV = "MLFLOW_APP_USERNAME"
+MLFLOW_APP_PASSWORD_ENV = "MLFLOW_APP_PASSWORD"
 # Client side.
 PREFECT_CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"
 MLFLOW_USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
@@ -253,6 +256,68 @@ def mlflow_auth_config(database_uri: str) -> str:
             "# CPU), and a pipeline run makes hundreds of calls. A changed or deleted password\n"
             "# may therefore keep working for up to a minute.\n"
             "auth_cache_ttl_seconds = 60\n")
+
+
+def ensure_mlflow_reader(url: str, admin: tuple[str, str], reader: tuple[str, str], *,
+                         wait_s: float = 600.0) -> str:
+    """Make `reader` an MLflow user that may only read (`default_permission = READ`).
+
+    Compose's app serves the champion with this account, not the admin's: a leaked app
+    secret then cannot move the `champion` alias or delete runs. Waits for the server to
+    answer, creates the user, or sets its password to the given one when it exists (so
+    `.env` stays the one place the password is written).
+
+    Args:
+        url: the MLflow server, e.g. http://127.0.0.1:5000.
+        admin: (username, password) of MLflow's admin.
+        reader: (username, password) of the account to create.
+        wait_s: how long to wait for the server to answer.
+
+    Returns:
+        'created' or 'updated'.
+
+    Raises:
+        AuthSettingsError: the server never answered, or refused the admin's login.
+    """
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    if reader[0] == admin[0]:
+        raise AuthSettingsError(f"{MLFLOW_APP_USERNAME_ENV} must not be the admin "
+                                f"({admin[0]!r}): the app's account may only read")
+    headers = {**basic_auth_header(*admin), "Content-Type": "application/json"}
+    body = json.dumps({"username": reader[0], "password": reader[1]}).encode()
+
+    def call(method: str, path: str) -> tuple[int, str]:
+        request = urllib.request.Request(f"{url}{path}", data=body, method=method,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, answer.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status, text = call("POST", "/api/2.0/mlflow/users/create")
+            break
+        except OSError:  # not listening yet
+            if time.monotonic() > deadline:
+                raise AuthSettingsError(f"MLflow at {url} did not answer within {wait_s:.0f} s; "
+                                        f"the app's account {reader[0]!r} was not created") from None
+            time.sleep(2)
+    if status == 200:
+        return "created"
+    if "RESOURCE_ALREADY_EXISTS" in text or "already exists" in text:
+        status, text = call("PATCH", "/api/2.0/mlflow/users/update-password")
+        if status == 200:
+            return "updated"
+    raise AuthSettingsError(f"MLflow at {url} refused to set up the app's account "
+                            f"{reader[0]!r} (HTTP {status}: {text[:300]}); check "
+                            f"{MLFLOW_ADMIN_USERNAME_ENV}/{MLFLOW_ADMIN_PASSWORD_ENV}")
 
 
 def write_mlflow_auth_config(path: Path, database_uri: str) -> Path:

@@ -27,6 +27,7 @@ SECRETS = {
     "MLFLOW_AUTH_ADMIN_PASSWORD": "test-mlflow-admin-password",
     "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-mlflow-flask-secret",
     "MINIO_ROOT_PASSWORD": "test-minio-password",
+    "MLFLOW_APP_PASSWORD": "test-mlflow-app-password",
 }
 
 
@@ -137,10 +138,17 @@ def test_both_servers_ask_for_a_login_and_every_client_has_it(resolved):
     assert "--app-name basic-auth" in (ROOT / "docker" / "mlflow-entrypoint.sh").read_text()
     worker = services["worker"]["environment"]
     assert worker[stack_auth.PREFECT_CLIENT_AUTH_ENV] == auth_string
-    for name in ("worker", "app"):
-        env = services[name]["environment"]
-        assert env[stack_auth.MLFLOW_USERNAME_ENV] == "admin"
-        assert env[stack_auth.MLFLOW_PASSWORD_ENV] == admin_password
+    env = services["worker"]["environment"]
+    assert env[stack_auth.MLFLOW_USERNAME_ENV] == "admin"
+    assert env[stack_auth.MLFLOW_PASSWORD_ENV] == admin_password
+    # The app reads the champion with its own account, which the MLflow container creates;
+    # it holds no admin password and no Prefect login.
+    app = services["app"]["environment"]
+    assert app[stack_auth.MLFLOW_USERNAME_ENV] == mlflow_env[stack_auth.MLFLOW_APP_USERNAME_ENV] \
+        == "skinsense-app"
+    assert app[stack_auth.MLFLOW_PASSWORD_ENV] == mlflow_env[stack_auth.MLFLOW_APP_PASSWORD_ENV] \
+        == SECRETS["MLFLOW_APP_PASSWORD"]
+    assert admin_password not in str(app) and stack_auth.PREFECT_CLIENT_AUTH_ENV not in app
     # The health checks use the paths both servers leave open for probes.
     assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
     assert services["mlflow"]["healthcheck"]["test"][-1].endswith("/health")
@@ -181,6 +189,8 @@ def test_the_mlflow_entrypoint_starts_mlflow_with_its_logins(tmp_path):
            stack_auth.MLFLOW_ADMIN_USERNAME_ENV: "admin",
            stack_auth.MLFLOW_ADMIN_PASSWORD_ENV: "entrypoint-admin-password",
            stack_auth.MLFLOW_SECRET_KEY_ENV: "entrypoint-flask-secret-key",
+           stack_auth.MLFLOW_APP_USERNAME_ENV: "skinsense-app",
+           stack_auth.MLFLOW_APP_PASSWORD_ENV: "entrypoint-app-password",
            # Not under test, and its seven processes slow the server's start and stop.
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = tmp_path / "mlflow.log"
@@ -209,6 +219,30 @@ def test_the_mlflow_entrypoint_starts_mlflow_with_its_logins(tmp_path):
                             timeout=30).status_code == 200
         config = tmp_path / "auth.ini"
         assert config.stat().st_mode & 0o077 == 0 and "auth.db" in config.read_text()
+        # The app's account appears once the server answers: it reads, and changes nothing.
+        app = stack_auth.basic_auth_header("skinsense-app", "entrypoint-app-password")
+        while requests.get(search, params={"max_results": 1}, headers=app,
+                           timeout=30).status_code != 200:
+            assert time.monotonic() < deadline + 60, log.read_text()[-3000:]
+            time.sleep(0.5)
+        created = requests.post(f"{url}/api/2.0/mlflow/experiments/create", headers=admin,
+                                json={"name": "owned-by-admin"}, timeout=30)
+        experiment_id = created.json()["experiment_id"]
+        assert requests.get(f"{url}/api/2.0/mlflow/experiments/get", headers=app, timeout=30,
+                            params={"experiment_id": experiment_id}).status_code == 200
+        assert requests.post(f"{url}/api/2.0/mlflow/experiments/delete", headers=app,
+                             json={"experiment_id": experiment_id},
+                             timeout=30).status_code == 403
+        assert "read-only account 'skinsense-app' created" in log.read_text()
+        # A restart with a changed .env sets the existing account's password to the new one.
+        assert stack_auth.ensure_mlflow_reader(url, ("admin", "entrypoint-admin-password"),
+                                               ("skinsense-app", "changed-app-password"),
+                                               wait_s=30) == "updated"
+        changed = stack_auth.basic_auth_header("skinsense-app", "changed-app-password")
+        assert requests.get(search, params={"max_results": 1}, headers=changed,
+                            timeout=30).status_code == 200
+        with pytest.raises(stack_auth.AuthSettingsError, match="must not be the admin"):
+            stack_auth.ensure_mlflow_reader(url, ("admin", "x"), ("admin", "y"), wait_s=1)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
