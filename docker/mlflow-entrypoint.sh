@@ -23,6 +23,9 @@ if [ -n "${MLFLOW_APP_USERNAME:-}" ]; then
     [ "$previous" = "--port" ] && port=$argument
     previous=$argument
   done
+  # Logged in as the admin, in this helper only.
+  MLFLOW_TRACKING_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" \
+  MLFLOW_TRACKING_PASSWORD="$MLFLOW_AUTH_ADMIN_PASSWORD" \
   python - "http://127.0.0.1:$port" <<'PY' &
 import os
 import sys
@@ -30,9 +33,7 @@ import sys
 from skinsense.stack_auth import ensure_mlflow_reader
 
 done = ensure_mlflow_reader(
-    sys.argv[1], (os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"),
-                  os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"]),
-    (os.environ["MLFLOW_APP_USERNAME"], os.environ["MLFLOW_APP_PASSWORD"]))
+    sys.argv[1], (os.environ["MLFLOW_APP_USERNAME"], os.environ["MLFLOW_APP_PASSWORD"]))
 print(f"mlflow-entrypoint: the app's read-only account {os.environ['MLFLOW_APP_USERNAME']!r} "
       f"{done}", flush=True)
 PY

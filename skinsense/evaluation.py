@@ -133,13 +133,15 @@ def _flip_views(batch: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def _forward_batches(model_dir: Path, batches, *, tta: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and penultimate features of uint8 (B, H, W, 3) batches, on the GPU if any."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, penultimate features and plain logits of uint8 (B, H, W, 3) batches, on the
+    GPU if any. The plain logits are those of the image itself (one view, as served): the
+    same array as the logits without tta, the first of the views with it."""
     model, card = load_model_dir(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     split = LogitsAndFeatures(model).to(device, memory_format=torch.channels_last).eval()
     preset = make_preset("eval", mean=card.mean, std=card.std).to(device)
-    logits_out, features_out = [], []
+    logits_out, features_out, plain_out = [], [], []
     for images in batches:
         batch = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
         views = _flip_views(batch) if tta else [batch]
@@ -147,17 +149,22 @@ def _forward_batches(model_dir: Path, batches, *, tta: bool = False
         logits_out.append(torch.stack([o[0].float() for o in outputs]).mean(dim=0).cpu())
         # The gate judges the image as served: one view, no flips.
         features_out.append(outputs[0][1].float().cpu())
+        if tta:
+            plain_out.append(outputs[0][0].float().cpu())
     if not logits_out:
-        return (np.zeros((0, len(CLASS_CODES)), dtype=np.float32),
-                np.zeros((0, LogitsAndFeatures(model).feature_dim), dtype=np.float32))
-    return (torch.cat(logits_out).numpy().astype(np.float32, copy=False),
-            torch.cat(features_out).numpy().astype(np.float32, copy=False))
+        empty = np.zeros((0, len(CLASS_CODES)), dtype=np.float32)
+        return (empty, np.zeros((0, LogitsAndFeatures(model).feature_dim), dtype=np.float32),
+                empty)
+    logits = torch.cat(logits_out).numpy().astype(np.float32, copy=False)
+    plain = torch.cat(plain_out).numpy().astype(np.float32, copy=False) if tta else logits
+    return logits, torch.cat(features_out).numpy().astype(np.float32, copy=False), plain
 
 
 def predict_outputs(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
                     tta: bool = False, rows: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and penultimate features of the model folder on a cached part, in one pass.
+    """Logits and penultimate features of the model folder on a cached part, in one pass
+    (`_predict_outputs` without the plain logits).
 
     Args:
         model_dir: a model folder (see `skinsense.packaging`).
@@ -176,6 +183,14 @@ def predict_outputs(model_dir: Path, split: CachedSplit, *, batch_size: int = 64
     Raises:
         ValueError: the cache was built at another size than the model takes.
     """
+    return _predict_outputs(model_dir, split, batch_size=batch_size, tta=tta, rows=rows)[:2]
+
+
+def _predict_outputs(model_dir: Path, split: CachedSplit, *, batch_size: int = 64,
+                     tta: bool = False, rows: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`predict_outputs`, and the plain logits (of the image itself, as the app predicts)
+    from the same pass: with tta they are the first of its views, so no second pass."""
     card = load_card(model_dir)
     if card.image_size != split.size:
         raise ValueError(
@@ -750,7 +765,7 @@ def reference_outputs(model_dir: Path, *, batch_size: int = 64
     named = non_dermatoscopic_images()
     pixels = np.stack([np.asarray(resize_square(image, size)) for _, image in named])
     batches = (pixels[start:start + batch_size] for start in range(0, len(pixels), batch_size))
-    logits, features = _forward_batches(model_dir, batches)
+    logits, features, _ = _forward_batches(model_dir, batches)
     return [name for name, _ in named], logits, features
 
 
@@ -903,7 +918,8 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = load_card(model_dir)
-    logits, features = predict_outputs(model_dir, split, batch_size=batch_size, tta=tta)
+    logits, features, served_logits = _predict_outputs(model_dir, split, batch_size=batch_size,
+                                                       tta=tta)
     y_true = np.load(split.labels_npy)
     uncalibrated = calibrated_probabilities(logits, 1.0)
     probabilities = calibrated_probabilities(logits, card.temperature)
@@ -911,17 +927,13 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     before = evaluation_report(y_true, uncalibrated)["metrics"]
     argmax_unchanged = _check_argmax_metrics(before, report["metrics"], model_dir)
     # The app predicts without TTA, and the temperature, the referral threshold and the gate
-    # were fitted on plain passes: what they promise (calibration, referral, gate, subgroups)
-    # is measured on the plain pass; with tta only the headline report above differs.
-    served_logits, features = (predict_outputs(model_dir, split, batch_size=batch_size)
-                               if tta else (logits, features))
-    served_uncalibrated = calibrated_probabilities(served_logits, 1.0) if tta else uncalibrated
-    served = calibrated_probabilities(served_logits, card.temperature) if tta else probabilities
-    served_ece = ((evaluation_report(y_true, served)["metrics"]["ece"],
-                   evaluation_report(y_true, served_uncalibrated)["metrics"]["ece"]) if tta
-                  else (report["metrics"]["ece"], before["ece"]))
+    # were fitted on plain logits: what they promise (calibration, referral, gate, subgroups)
+    # is measured on the plain logits; with tta only the headline report above differs.
+    served_uncalibrated = calibrated_probabilities(served_logits, 1.0)
+    served = calibrated_probabilities(served_logits, card.temperature)
     metrics = report["metrics"] | {
-        "ece": served_ece[0], "ece_uncalibrated": served_ece[1],
+        "ece": expected_calibration_error(y_true, served),
+        "ece_uncalibrated": expected_calibration_error(y_true, served_uncalibrated),
         "nll": negative_log_likelihood(served_logits, y_true, card.temperature),
         "nll_uncalibrated": negative_log_likelihood(served_logits, y_true)}
     lesion_ids = None if manifest is None else manifest["lesion_id"].astype(str).to_numpy()

@@ -73,6 +73,12 @@ class ModelCard(BaseModel):
         default_factory=dict, description="How the gate was fitted (images, feature size, "
         "Ledoit-Wolf shrinkage) and what it scored at evaluation.")
 
+    @property
+    def calibrated(self) -> bool:
+        """A temperature was fitted: its probabilities are calibrated (a fitted temperature is
+        never exactly 1; a card from before calibration has 1)."""
+        return self.temperature != 1.0
+
     @field_validator("metrics", mode="before")
     @classmethod
     def _undefined_metrics_are_nan(cls, metrics: Any) -> Any:

@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -108,16 +107,7 @@ def _http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = 
     return 200 <= _http_status(url, timeout_s, headers) < 300
 
 
-def _http_status(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> int:
-    """The HTTP status `url` answers with, or 0 when nothing answers."""
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (OSError, ValueError):
-        return 0
+_http_status = stack_auth.http_status
 
 
 def _port_in_use(host: str, port: int) -> bool:

@@ -258,66 +258,73 @@ def mlflow_auth_config(database_uri: str) -> str:
             "auth_cache_ttl_seconds = 60\n")
 
 
-def ensure_mlflow_reader(url: str, admin: tuple[str, str], reader: tuple[str, str], *,
-                         wait_s: float = 600.0) -> str:
+def http_status(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status `url` answers a GET with, or 0 when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return 0
+
+
+def ensure_mlflow_reader(url: str, reader: tuple[str, str], *, wait_s: float = 600.0) -> str:
     """Make `reader` an MLflow user that may only read (`default_permission = READ`).
 
     Compose's app serves the champion with this account, not the admin's: a leaked app
     secret then cannot move the `champion` alias or delete runs. Waits for the server to
-    answer, creates the user, or sets its password to the given one when it exists (so
-    `.env` stays the one place the password is written).
+    answer, then creates the user through MLflow's `AuthServiceClient`, or sets its password
+    to the given one when it exists (so `.env` stays the one place it is written). The
+    client logs in as every MLflow client does, with MLFLOW_TRACKING_USERNAME/PASSWORD:
+    the admin's.
 
     Args:
         url: the MLflow server, e.g. http://127.0.0.1:5000.
-        admin: (username, password) of MLflow's admin.
-        reader: (username, password) of the account to create.
+        reader: (username, password) of the account.
         wait_s: how long to wait for the server to answer.
 
     Returns:
         'created' or 'updated'.
 
     Raises:
-        AuthSettingsError: the server never answered, or refused the admin's login.
+        AuthSettingsError: the account is the admin's, the server never answered, or it
+            refused (e.g. the admin's login is wrong).
     """
-    import json
     import time
-    import urllib.error
-    import urllib.request
 
-    if reader[0] == admin[0]:
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    admin = os.environ.get(MLFLOW_USERNAME_ENV, "")
+    if reader[0] == admin:
         raise AuthSettingsError(f"{MLFLOW_APP_USERNAME_ENV} must not be the admin "
-                                f"({admin[0]!r}): the app's account may only read")
-    headers = {**basic_auth_header(*admin), "Content-Type": "application/json"}
-    body = json.dumps({"username": reader[0], "password": reader[1]}).encode()
-
-    def call(method: str, path: str) -> tuple[int, str]:
-        request = urllib.request.Request(f"{url}{path}", data=body, method=method,
-                                         headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                return answer.status, answer.read().decode(errors="replace")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-
+                                f"({admin!r}): the app's account may only read")
     deadline = time.monotonic() + wait_s
-    while True:
+    while http_status(f"{url}/health") != 200:
+        if time.monotonic() > deadline:
+            raise AuthSettingsError(f"MLflow at {url} did not answer within {wait_s:.0f} s; "
+                                    f"the app's account {reader[0]!r} was not set up")
+        time.sleep(2)
+    client = AuthServiceClient(url)
+    try:
         try:
-            status, text = call("POST", "/api/2.0/mlflow/users/create")
-            break
-        except OSError:  # not listening yet
-            if time.monotonic() > deadline:
-                raise AuthSettingsError(f"MLflow at {url} did not answer within {wait_s:.0f} s; "
-                                        f"the app's account {reader[0]!r} was not created") from None
-            time.sleep(2)
-    if status == 200:
-        return "created"
-    if "RESOURCE_ALREADY_EXISTS" in text or "already exists" in text:
-        status, text = call("PATCH", "/api/2.0/mlflow/users/update-password")
-        if status == 200:
-            return "updated"
-    raise AuthSettingsError(f"MLflow at {url} refused to set up the app's account "
-                            f"{reader[0]!r} (HTTP {status}: {text[:300]}); check "
-                            f"{MLFLOW_ADMIN_USERNAME_ENV}/{MLFLOW_ADMIN_PASSWORD_ENV}")
+            client.create_user(*reader)
+            return "created"
+        except RestException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        client.update_user_password(*reader)
+        return "updated"
+    except MlflowException as exc:
+        raise AuthSettingsError(
+            f"MLflow at {url} refused to set up the app's account {reader[0]!r} ({exc}); "
+            f"check the admin's login ({MLFLOW_USERNAME_ENV}/{MLFLOW_PASSWORD_ENV}, from "
+            f"{MLFLOW_ADMIN_USERNAME_ENV}/{MLFLOW_ADMIN_PASSWORD_ENV})") from exc
 
 
 def write_mlflow_auth_config(path: Path, database_uri: str) -> Path:

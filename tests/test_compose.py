@@ -168,7 +168,7 @@ def test_compose_refuses_the_example_as_it_is(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_mlflow_entrypoint_starts_mlflow_with_its_logins(tmp_path):
+def test_the_mlflow_entrypoint_starts_mlflow_with_its_logins(tmp_path, monkeypatch):
     """docker/mlflow-entrypoint.sh, run here as compose runs it: the real MLflow server with
     the basic-auth app, its user database from MLFLOW_AUTH_DATABASE_URI (SQLite here)."""
     import os
@@ -235,14 +235,19 @@ def test_the_mlflow_entrypoint_starts_mlflow_with_its_logins(tmp_path):
                              timeout=30).status_code == 403
         assert "read-only account 'skinsense-app' created" in log.read_text()
         # A restart with a changed .env sets the existing account's password to the new one.
-        assert stack_auth.ensure_mlflow_reader(url, ("admin", "entrypoint-admin-password"),
-                                               ("skinsense-app", "changed-app-password"),
+        monkeypatch.setenv(stack_auth.MLFLOW_USERNAME_ENV, "admin")
+        monkeypatch.setenv(stack_auth.MLFLOW_PASSWORD_ENV, "entrypoint-admin-password")
+        assert stack_auth.ensure_mlflow_reader(url, ("skinsense-app", "changed-app-password"),
                                                wait_s=30) == "updated"
         changed = stack_auth.basic_auth_header("skinsense-app", "changed-app-password")
         assert requests.get(search, params={"max_results": 1}, headers=changed,
                             timeout=30).status_code == 200
         with pytest.raises(stack_auth.AuthSettingsError, match="must not be the admin"):
-            stack_auth.ensure_mlflow_reader(url, ("admin", "x"), ("admin", "y"), wait_s=1)
+            stack_auth.ensure_mlflow_reader(url, ("admin", "y"), wait_s=1)
+        monkeypatch.setenv(stack_auth.MLFLOW_PASSWORD_ENV, "not-the-admin-password")
+        with pytest.raises(stack_auth.AuthSettingsError, match="refused to set up the app's "
+                                                               "account 'skinsense-app'"):
+            stack_auth.ensure_mlflow_reader(url, ("skinsense-app", "other"), wait_s=1)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -111,7 +111,7 @@ def footer_text(model: LoadedModel) -> str:
     score = card.metrics.get("test_balanced_accuracy")
     score_text = f"{score:.3f}" if score is not None else "n/a"
     calibration = (f"probabilities calibrated (temperature {card.temperature:.2f})"
-                   if card.temperature != 1.0 else "probabilities not calibrated")
+                   if card.calibrated else "probabilities not calibrated")
     gate = (f"out-of-domain gate on (threshold {card.ood_threshold:.1f})"
             if model.predictor.gate is not None else "no out-of-domain gate")
     return (f"Model: {model.model_name or 'skinsense'} {version} - {card.arch} at "
@@ -215,9 +215,8 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
     def details_text(model: LoadedModel, assessment: Assessment, *,
                      gate_note: bool = True) -> str:
         text = describe_top(assessment.probabilities)
-        # A fitted temperature is never exactly 1; a card from before calibration has 1.
         text += likely_wrong_note(assessment.probabilities,
-                                  calibrated=model.predictor.card.temperature != 1.0)
+                                  calibrated=model.predictor.card.calibrated)
         if gate_note and assessment.gate.status == "absent":
             text += f"\n\n*{NO_GATE}*"
         return text + answered_by(model)
