@@ -230,11 +230,53 @@ def measure(arch: str, size: int, args: argparse.Namespace, split: CachedSplit, 
         if not compiled:
             row["static_images_per_s"] = ours.static(_per_round(args))
             row["loader_images_per_s"] = ours.loader_only(_per_round(args))
+            if arch in (args.profile_archs or []):
+                row |= profile(ours, args.profile_steps, arch)
     except Exception as exc:  # report and go on with the other measurements
         print(f"{arch}{suffix.replace('_', ' ')} failed: {exc!r}"[:600], flush=True)
     row[f"wall{suffix}_s"] = time.perf_counter() - started
     del ceiling, ours
     _free(device)
+    return row
+
+
+def profile(ours: Pipeline, steps: int, arch: str) -> dict:
+    """Where the pipeline's time goes against the static-batch loop, under torch.profiler.
+
+    For each side: wall time per step, the summed time of the GPU's kernels and copies per
+    step, and the GPU's idle share (1 - busy / wall; copies on the side stream overlap
+    compute, so this is a lower bound of the idle time). The top operators by CPU time go to
+    $OUT/profile_<arch>.txt when $OUT is set.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if ours.fabric.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    row, tables = {}, []
+    for side, run in (("pipeline", ours.train), ("static", ours.static)):
+        run(3)
+        with torch_profile(activities=activities) as prof:
+            started = time.perf_counter()
+            run(steps)
+            wall = time.perf_counter() - started
+        averages = prof.key_averages()
+        # Kernels and copies are device-side events; two ways to add them up, since their
+        # attributes moved between torch versions (the larger is kept).
+        busy_us = max(
+            sum(getattr(e, "self_device_time_total", 0.0) for e in averages
+                if getattr(e, "device_type", None) == DeviceType.CUDA),
+            sum(e.time_range.elapsed_us() for e in prof.events()
+                if getattr(e, "device_type", None) == DeviceType.CUDA))
+        row |= {f"{side}_ms_per_step": 1e3 * wall / steps,
+                f"{side}_gpu_busy_ms_per_step": busy_us / 1e3 / steps,
+                f"{side}_gpu_idle_share": 1 - busy_us / 1e6 / wall}
+        tables.append(f"== {arch} {side}: {steps} steps, wall {wall:.3f} s\n"
+                      + averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"profile_{arch}.txt").write_text("\n\n".join(tables))
     return row
 
 
@@ -287,6 +329,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--compile-archs", nargs="+", default=None,
                         help="architectures to compile (default: all of --archs)")
+    parser.add_argument("--profile-archs", nargs="*", default=None,
+                        help="also profile the pipeline against the static-batch loop")
+    parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--workers", type=int, default=None,
                         help="processes drawing and caching the JPEGs (default: all cores)")
     parser.add_argument("--work", type=Path, default=None, help="folder for JPEGs and cache")

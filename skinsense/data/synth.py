@@ -152,6 +152,7 @@ def make_synthetic_ham10000(
     workers: int | None = None,
     image_size: tuple[int, int] = (600, 450),
     isic_test_images: int = 0,
+    metadata: pd.DataFrame | None = None,
 ) -> Path:
     """Write a synthetic HAM10000 sample laid out like the Dataverse files.
 
@@ -164,6 +165,9 @@ def make_synthetic_ham10000(
         isic_test_images: When > 0, also write `ISIC2018_Task3_Test_Images.zip` and
             `ISIC2018_Task3_Test_GroundTruth.csv` (metadata format) with this many images
             (0, or at least 7: one per class).
+        metadata: Draw one image for each row of this HAM10000-format metadata (e.g. the
+            real `HAM10000_metadata.csv`, so that its lesion groups and classes are kept)
+            instead of drawing metadata; `n_images` is then its number of rows.
 
     Returns:
         `out_dir` as a Path.
@@ -171,13 +175,22 @@ def make_synthetic_ham10000(
     Raises:
         ValueError: On an invalid argument.
     """
+    if metadata is not None:
+        missing = [c for c in METADATA_COLUMNS if c not in metadata.columns]
+        if missing:
+            raise ValueError(f"metadata lacks the HAM10000 columns {missing}; pass a frame read "
+                             f"from a HAM10000_metadata.csv")
+        n_images = len(metadata)
     _validate_args(n_images, image_size, workers, isic_test_images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     width, height = int(image_size[0]), int(image_size[1])
     workers = workers or _cpu_count()
 
-    metadata = make_synthetic_metadata(n_images, seed=seed)
+    if metadata is None:
+        metadata = make_synthetic_metadata(n_images, seed=seed)
+    else:
+        metadata = metadata[list(METADATA_COLUMNS)].reset_index(drop=True)
     # Images go to the two parts in image_id order, like the real archives.
     ordered = metadata.sort_values("image_id", kind="stable").reset_index(drop=True)
     n_part_1 = int(round(n_images * _PART_1_FRACTION))
