@@ -11,6 +11,8 @@
 #   4. compile: bench/compile_breakeven.py for COMPILE_ARCHS (one process each, compiling at
 #      once, measuring one at a time under a lock)
 #   5. anchor notebook: gpu_anchor.py `notebook` (the notebook recipe, for the ratio)
+# PHASES picks and orders them (default: anchor_ceil ceiling throughput pipeline compile
+# anchor_notebook); a phase starts only while enough time is left for it.
 # nvidia-smi samples clocks, power and utilization every 250 ms throughout (smi.csv), and
 # phases.txt notes when each phase started, so each figure can be matched to its clocks.
 #
@@ -43,52 +45,65 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
     python3 -c "import sys, torch, torchvision, lightning, pydantic, fairlearn; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__, 'lightning', lightning.__version__, 'pydantic', pydantic.__version__, 'fairlearn', fairlearn.__version__)"
-    echo "cpus $(nproc)"; git rev-parse --short HEAD 2>/dev/null; date -u +%Y-%m-%dT%H:%M:%SZ
+    echo "cpus $(nproc)"; echo "commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"; date -u +%Y-%m-%dT%H:%M:%SZ
 } 2>&1 | tee "$RES/gpu.txt"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu,memory.used \
     --format=csv,noheader,nounits -lms 250 > "$RES/smi.csv" 2>/dev/null &
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
 
-phase anchor_ceil
-OUT=$RES timeout $(cap 75 30) python3 "$ANCHOR" ceil 2>&1 | tee "$RES/anchor_ceil.log"
-mv "$RES/anchor.json" "$RES/anchor_ceil.json" 2>/dev/null
-phase ceiling_check
-OUT=$RES timeout $(cap 110 30) python3 bench/ceiling_check.py --secs "$SECS" --images 256 2>&1 \
-    | tee "$RES/ceiling_check.log"
-pack
-if (( $(left) > 420 )); then
+run_anchor_ceil() {
+    phase anchor_ceil
+    OUT=$RES timeout $(cap 150 30) python3 "$ANCHOR" ceil 2>&1 | tee "$RES/anchor_ceil.log"
+    mv "$RES/anchor.json" "$RES/anchor_ceil.json" 2>/dev/null
+}
+run_ceiling() {
+    phase ceiling_check
+    OUT=$RES timeout $(cap 110 20) python3 bench/ceiling_check.py --secs "$SECS" --images 256 \
+        2>&1 | tee "$RES/ceiling_check.log"
+}
+run_throughput() {
     phase throughput
     # shellcheck disable=SC2086
-    OUT=$RES timeout $(cap 110 20) python3 bench/train_throughput.py --batch 64 \
+    OUT=$RES timeout $(cap 110 15) python3 bench/train_throughput.py --batch 64 \
         --steps 60 --rounds 3 --profile-archs ${PROFILE_ARCHS:-efficientnet_b3} 2>&1 \
         | tee "$RES/train_throughput.log"
-    pack
-fi
-phase pipeline
-OUT=$RES timeout $(( $(left) - 20 )) python3 bench/gpu_pipeline.py \
-    --metadata "${METADATA:-tests/fixtures/HAM10000_metadata.csv}" --epochs "${EPOCHS:-2}" \
-    --marker "$RES/data-done" > "$RES/gpu_pipeline.log" 2>&1
-tail -40 "$RES/gpu_pipeline.log"
-pack
-if (( $(left) > 150 )); then
+}
+run_pipeline() {
+    phase pipeline
+    OUT=$RES timeout $(( $(left) - 15 )) python3 bench/gpu_pipeline.py \
+        --metadata "${METADATA:-tests/fixtures/HAM10000_metadata.csv}" --epochs "${EPOCHS:-2}" \
+        --marker "$RES/data-done" > "$RES/gpu_pipeline.log" 2>&1
+    tail -40 "$RES/gpu_pipeline.log"
+}
+run_compile() {
     phase compile
-    pids=()
+    local pids=() arch
     for arch in ${COMPILE_ARCHS:-efficientnet_b0 efficientnet_b3}; do
-        OUT=$RES timeout $(( $(left) - 15 )) python3 bench/compile_breakeven.py --archs "$arch" \
+        OUT=$RES timeout $(( $(left) - 10 )) python3 bench/compile_breakeven.py --archs "$arch" \
             --lock "$RES/gpu.lock" > "$RES/compile_$arch.log" 2>&1 &
         pids+=($!)
     done
     wait "${pids[@]}"
-    tail -3 "$RES"/compile_*.log
-    pack
-fi
-if (( $(left) > 60 )); then
+    for f in "$RES"/compile_*.log; do tail -n 3 "$f"; done
+}
+run_anchor_notebook() {
     phase anchor_notebook
     OUT=$RES timeout $(( $(left) - 10 )) python3 "$ANCHOR" notebook 2>&1 \
         | tee "$RES/anchor_notebook.log"
     mv "$RES/anchor.json" "$RES/anchor_notebook.json" 2>/dev/null
-fi
+}
+# Each phase starts only with at least this many seconds left.
+declare -A NEEDS=([anchor_ceil]=120 [ceiling]=90 [throughput]=90 [pipeline]=240 [compile]=150
+                  [anchor_notebook]=60)
+for part in ${PHASES:-anchor_ceil ceiling throughput pipeline compile anchor_notebook}; do
+    if (( $(left) > ${NEEDS[$part]} )); then
+        "run_$part"
+        pack
+    else
+        echo "== $part skipped: $(left) s left, it needs ${NEEDS[$part]}"
+    fi
+done
 phase end
 kill $SMI 2>/dev/null
 python3 - "$RES" <<'EOF' | tee "$RES/clocks_by_phase.txt"
