@@ -21,7 +21,10 @@ epoch lines are timestamped here; with `--epochs` below the default the figure f
 
   PYTHONPATH=. python3 bench/gpu_pipeline.py --metadata tests/fixtures/HAM10000_metadata.csv
 
-CPU smoke test (tests/test_gpu_pipeline_bench.py): `--images 140 --archs resnet18
+After each cache stage, one pass of the training loader over the fresh cache is timed twice
+(cold: the file's first read; warm: as a second epoch reads it), without the GPU.
+
+CPU smoke test (tests/test_gpu_benches.py): `--images 140 --archs resnet18
 --size-override 32 --epochs 1 --modes sequential --device cpu`.
 Writes gpu_pipeline.json and gpu_pipeline.md into $OUT when it is set (rewritten after every
 stage, so a run cut short keeps what it measured). `--marker PATH` touches PATH once the data
@@ -137,6 +140,21 @@ def make_data(work: Path, metadata: Path | None, n_images: int, workers: int | N
         frame = frame[frame["lesion_id"].isin(keep)]
     return make_synthetic_ham10000(work / "source", n_images=n_images, metadata=frame, seed=0,
                                    workers=workers)
+
+
+def loader_passes(cache, *, pin_memory: bool) -> dict[str, float]:
+    """Seconds of two passes of the training loader over a freshly written cache (no GPU):
+    the first reads the file cold, the second as the second epoch would."""
+    from skinsense.training.batches import BatchedCacheLoader
+
+    loader = BatchedCacheLoader(cache.train, batch_size=64, shuffle=True, pin_memory=pin_memory)
+    times = {}
+    for name in ("cold", "warm"):
+        started = time.perf_counter()
+        for _ in loader:
+            pass
+        times[f"loader_{name}_s"] = time.perf_counter() - started
+    return times
 
 
 def train_all(caches: dict, sizes: dict[str, int], cfg: PipelineConfig, home: Home,
@@ -265,6 +283,8 @@ def main() -> None:
         with report.stage(f"cache {size} px"):
             caches[size] = stages.cache_images(split, oversampled, size, cfg.data, home,
                                                validated=validated)
+        # Not a stage: does a first epoch wait for the file's first read?
+        report.stages[-1] |= loader_passes(caches[size], pin_memory=device == "cuda")
     data_s = time.perf_counter() - total
     if args.marker:
         args.marker.touch()
