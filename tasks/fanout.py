@@ -20,7 +20,7 @@ from deployments.definitions import TRAIN_DEPLOYMENT, WORK_POOL
 from skinsense import stages
 from skinsense.config import PipelineConfig
 from skinsense.data.records import ImageCache
-from skinsense.handoff import ArchRequest, ArchResult, DataHandoff
+from skinsense.lifecycle.handoff import ArchRequest, ArchResult, DataHandoff
 from skinsense.paths import Home
 
 

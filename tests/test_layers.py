@@ -30,10 +30,10 @@ STANDALONE_MODULES = [
     "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",
     "skinsense.presets", "skinsense.packaging",
     # Serving applies calibration and the referral rule; evaluation adds the audit.
-    "skinsense.calibration", "skinsense.referral", "skinsense.bootstrap", "skinsense.subgroups",
+    "skinsense.trust.calibration", "skinsense.trust.referral", "skinsense.bootstrap", "skinsense.subgroups",
     # The out-of-domain gate, the quality checks and the reference images are used by
     # evaluation (on the GPU machine) as well as by serving.
-    "skinsense.gate", "skinsense.quality", "skinsense.ood_reference", "skinsense.evaluation",
+    "skinsense.trust.gate", "skinsense.trust.quality", "skinsense.ood_reference", "skinsense.evaluation",
     "skinsense.serving.predictor", "skinsense.serving.explain",
 ]
 ORCHESTRATION = {"prefect", "mlflow", "gradio"}

@@ -95,7 +95,7 @@ def test_served_preprocessing_matches_the_cache(predictor, tmp_path):
 
 
 def test_without_a_gate_the_gate_is_reported_absent_not_in_domain(predictor):
-    from skinsense.gate import ABSENT
+    from skinsense.trust.gate import ABSENT
 
     assessment = predictor.assess(sorted(EXAMPLES_DIR.glob("*.jpg"))[0])
     assert assessment.gate.status == "absent" and assessment.gate.in_domain is None
@@ -183,7 +183,7 @@ def test_an_onnx_export_from_before_the_gate_still_serves(gated, tmp_path):
     import onnx
 
     from skinsense.export import ONNX_FILE
-    from skinsense.gate import GATE_FILE
+    from skinsense.trust.gate import GATE_FILE
 
     old = tmp_path / "old"
     shutil.copytree(gated, old)

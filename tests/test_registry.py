@@ -9,7 +9,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from skinsense import registry, tracking
+from skinsense import tracking
+from skinsense.lifecycle import registry
 from skinsense.export import ONNX_FILE, weights_sha256
 from skinsense.models import build_model
 from skinsense.packaging import ModelCard, save_model_dir

@@ -27,14 +27,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from skinsense.calibration import calibrated_probabilities
+from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.labels import CLASS_CODES
 from skinsense.models import cam_target_layer, cam_target_layer_path, head_name
 from skinsense.packaging import ModelCard, load_model_dir
 from skinsense.serving.predictor import GateResult, open_image
 
 if TYPE_CHECKING:
-    from skinsense.quality import QualityIssue
+    from skinsense.trust.quality import QualityIssue
     from skinsense.serving.predictor import Predictor
 
 # How much of the photo shows through the heat map (pytorch-grad-cam's default is 0.5).

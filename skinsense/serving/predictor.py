@@ -8,12 +8,12 @@ Two backends compute the same logits and penultimate features in one forward pas
 Runtime, used when the model folder holds a `model.onnx` exported from its current weights
 (see `skinsense.export`), and PyTorch otherwise. For both, the logits become probabilities
 here, through the one function every path uses
-(`skinsense.calibration.calibrated_probabilities`) with the card's temperature; the referral
-decision on those probabilities is `skinsense.referral.referral_decision`.
+(`skinsense.trust.calibration.calibrated_probabilities`) with the card's temperature; the referral
+decision on those probabilities is `skinsense.trust.referral.referral_decision`.
 
 `assess` is what the app and the MLflow pyfunc answer with: the image-quality checks
-(`skinsense.quality`) first, then the model, the out-of-domain gate on its features
-(`skinsense.gate`, when the folder has one), the calibrated probabilities and the referral
+(`skinsense.trust.quality`) first, then the model, the out-of-domain gate on its features
+(`skinsense.trust.gate`, when the folder has one), the calibrated probabilities and the referral
 decision. `explain` adds a Grad-CAM overlay (`skinsense.serving.explain`, PyTorch weights
 loaded on first use).
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from skinsense.calibration import calibrated_probabilities
+from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.data.cache import resize_square
 from skinsense.export import (
     FEATURES_NAME,
@@ -43,13 +43,13 @@ from skinsense.export import (
     onnx_session,
     weights_sha256,
 )
-from skinsense.gate import ABSENT, GATE_FILE, OodGate, load_gate
+from skinsense.trust.gate import ABSENT, GATE_FILE, OodGate, load_gate
 from skinsense.labels import CLASS_CODES
 from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
 from skinsense.presets import make_preset
-from skinsense.quality import MEASURE_SIDE, QualityIssue, check_quality
-from skinsense.referral import Referral, referral_decision
+from skinsense.trust.quality import MEASURE_SIDE, QualityIssue, check_quality
+from skinsense.trust.referral import Referral, referral_decision
 
 if TYPE_CHECKING:
     from skinsense.serving.explain import Explanation, GradCamExplainer
@@ -288,7 +288,7 @@ class Predictor:
 
     def predict_proba(self, images: list) -> np.ndarray:
         """Calibrated probabilities (N, 7) in CLASS_CODES order: the logits divided by the
-        card's temperature, then the softmax (`skinsense.calibration`)."""
+        card's temperature, then the softmax (`skinsense.trust.calibration`)."""
         return calibrated_probabilities(self.logits(images), self.card.temperature)
 
     def classify(self, image) -> dict[str, float]:

@@ -14,7 +14,7 @@ so `skinsense` keeps its rule of never importing the orchestrator.
 Databases: Prefect's server and MLflow's tracking server use SQLite files under
 `SKINSENSE_HOME` unless given SQLAlchemy URLs (for example Postgres); the URLs reach the
 servers through their environment, never their command line, where any user could read a
-password. Logins (`skinsense.stack_auth`): Prefect's basic auth and MLflow's basic-auth app
+password. Logins (`skinsense.stack.auth`): Prefect's basic auth and MLflow's basic-auth app
 are on whenever the stack binds anything but loopback, or when asked.
 """
 
@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skinsense import stack_auth
+from skinsense.stack import auth as stack_auth
 from skinsense.paths import Home
 from skinsense.processes import pid_alive
-from skinsense.stack_auth import StackCredentials
+from skinsense.stack.auth import StackCredentials
 
 PREFECT = "prefect-server"
 MLFLOW = "mlflow-server"
@@ -85,7 +85,7 @@ def stack_dir(home: Home | Path | str) -> Path:
 
 def project_root() -> Path:
     """The checkout holding `flows/` and `deployments/` (the runner's working directory)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def _client_host(host: str) -> str:
@@ -436,7 +436,7 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
             `$MLFLOW_BACKEND_STORE_URI`, else the embedded store's SQLite file.
         mlflow_auth_database_uri: MLflow's user database when logins are on; default
             `$MLFLOW_AUTH_DATABASE_URI`, else `SKINSENSE_HOME/mlflow/auth.db`.
-        auth: turn on the logins on loopback too (see `skinsense.stack_auth` for where the
+        auth: turn on the logins on loopback too (see `skinsense.stack.auth` for where the
             secrets come from). They are also on when `host` is not loopback, when the
             environment holds a server-side secret, or when the running servers have them.
         workers: process workers to start on the work pool `skinsense-gpu` (`worker-1`
