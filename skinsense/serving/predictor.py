@@ -23,9 +23,9 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,9 +50,6 @@ from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_d
 from skinsense.presets import make_preset
 from skinsense.trust.quality import MEASURE_SIDE, QualityIssue, check_quality
 from skinsense.trust.referral import Referral, referral_decision
-
-if TYPE_CHECKING:
-    from skinsense.serving.explain import Explanation, GradCamExplainer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +190,6 @@ class Predictor:
     # The out-of-domain gate (None: the folder has none, `gate_note` says why).
     gate: OodGate | None = None
     gate_note: str = ABSENT
-    _explainer: GradCamExplainer | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.session is None):
@@ -201,7 +197,6 @@ class Predictor:
         self._preset = make_preset("eval", mean=self.card.mean, std=self.card.std)
         # Either backend already uses every core for one batch; parallel calls only contend.
         self._lock = threading.Lock()
-        self._explainer_lock = threading.Lock()
         self._split = LogitsAndFeatures(self.model).eval() if self.model is not None else None
         self._session_has_features = (self.session is not None
                                       and onnx_has_features(self.session))
@@ -374,22 +369,6 @@ class Predictor:
         scores = self.gate.scores(features)
         return [GateResult("on", in_domain=bool(score <= threshold), score=float(score),
                            threshold=threshold) for score in scores]
-
-    def explain(self, image, *, gate: bool = True) -> Explanation:
-        """A Grad-CAM overlay for the top class, at the upload's size (`serving.explain`).
-
-        The PyTorch weights are loaded on the first call (ONNX Runtime cannot give gradients).
-
-        Raises:
-            skinsense.models.NoExplanationError: no target layer is known for the arch.
-            ImageRejected: the file is not a readable image.
-        """
-        from skinsense.serving.explain import GradCamExplainer
-
-        with self._explainer_lock:
-            if self._explainer is None:
-                self._explainer = GradCamExplainer(Path(self.source), self.card)
-        return self._explainer.explain(self, image, gate=gate)
 
 
 def _check_classes(card: ModelCard, model_dir: Path) -> None:
