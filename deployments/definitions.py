@@ -8,20 +8,24 @@ two deployments for `prefect deploy` onto the process work pool `WORK_POOL`.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
+# The pool, the child deployment's name and where children keep their results are the fan-out's
+# contract (`skinsense.lifecycle.handoff`): the flows and tasks that start and run the children
+# read them there, so that nothing below `deployments/` imports it.
+from skinsense.lifecycle.handoff import (  # noqa: F401
+    RESULT_STORAGE_ENV,
+    TRAIN_DEPLOYMENT,
+    TRAIN_DEPLOYMENT_NAME,
+    WORK_POOL,
+    child_result_storage,
+)
+
 FLOW_ENTRYPOINT = "flows/pipeline.py:skinsense_pipeline"
-WORK_POOL = "skinsense-gpu"
 
 # One architecture's training as a child run on the pool (`train.fan_out`); only on the pool
 # (prefect.yaml), never served by the runner: its runs must reach workers on every machine.
 TRAIN_FLOW_ENTRYPOINT = "flows/train_architecture.py:train_architecture"
-TRAIN_DEPLOYMENT_NAME = "train-architecture"
-TRAIN_DEPLOYMENT = f"train-architecture/{TRAIN_DEPLOYMENT_NAME}"
-# A Prefect block slug (e.g. an S3 bucket block) for the children's results instead of the
-# shared SKINSENSE_HOME; the pipeline reads them back wherever it runs.
-RESULT_STORAGE_ENV = "SKINSENSE_RESULT_STORAGE"
 
 SCHEDULED = "scheduled-retraining"
 MANUAL = "manual"
@@ -83,10 +87,3 @@ def to_deployments(flow) -> list:
             enforce_parameter_schema=True))
     return built
 
-
-def child_result_storage() -> str | Path:
-    """Where `train-architecture` runs persist their results: `$SKINSENSE_RESULT_STORAGE`
-    (a block slug), else `SKINSENSE_HOME/prefect-results` on the shared storage."""
-    from skinsense.config import skinsense_home
-
-    return os.environ.get(RESULT_STORAGE_ENV) or skinsense_home() / "prefect-results"

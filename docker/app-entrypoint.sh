@@ -5,7 +5,7 @@
 set -eu
 until python - <<'PY'
 import os, sys, urllib.parse, urllib.request
-from skinsense.stack_auth import basic_auth_header
+from skinsense.stack.auth import basic_auth_header
 query = urllib.parse.urlencode({"name": os.environ.get("SKINSENSE_MODEL_NAME", "skinsense"), "alias": "champion"})
 # MLflow's basic-auth app answers 401 without the login.
 headers = (basic_auth_header(os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from skinsense.stack_auth import write_mlflow_auth_config
+from skinsense.stack.auth import write_mlflow_auth_config
 
 write_mlflow_auth_config(Path(sys.argv[1]), os.environ["MLFLOW_AUTH_DATABASE_URI"])
 PY
@@ -30,7 +30,7 @@ if [ -n "${MLFLOW_APP_USERNAME:-}" ]; then
 import os
 import sys
 
-from skinsense.stack_auth import ensure_mlflow_reader
+from skinsense.stack.auth import ensure_mlflow_reader
 
 done = ensure_mlflow_reader(
     sys.argv[1], (os.environ["MLFLOW_APP_USERNAME"], os.environ["MLFLOW_APP_PASSWORD"]))

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from deployments.definitions import child_result_storage
-from skinsense.handoff import ArchRequest, ArchResult
+from skinsense.lifecycle.handoff import ArchRequest, ArchResult, child_result_storage
 from skinsense.paths import Home
 from tasks import fanout, training
 

@@ -183,7 +183,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _registry_action(args: argparse.Namespace) -> int:
-    from skinsense import registry
+    from skinsense.lifecycle import registry
 
     if args.action == "show":
         _print_versions(args.name, registry.show(args.name))

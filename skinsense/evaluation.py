@@ -17,11 +17,11 @@ Metric conventions (the classes of `skinsense.labels.CLASS_CODES`, indices 0..6)
   (fitted on the validation part by `calibrate_model_dir`) before the softmax, exactly as
   every predictor does. `ece_uncalibrated` and `nll_uncalibrated` are the plain softmax's;
   the argmax metrics (`ARGMAX_METRICS`) are the same either way, and checked to be.
-- The referral rule (`skinsense.referral`) is reported as `referral_sensitivity` and
+- The referral rule (`skinsense.trust.referral`) is reported as `referral_sensitivity` and
   `referral_specificity` with 95% intervals from a bootstrap over lesions
   (`skinsense.bootstrap`), `referral_rate` and `referral_roc_auc`; the subgroup audit adds
   `gap_<metric>_<attribute>` (`skinsense.subgroups`).
-- The out-of-domain gate (`skinsense.gate`, fitted by `calibrate_model_dir` with the
+- The out-of-domain gate (`skinsense.trust.gate`, fitted by `calibrate_model_dir` with the
   temperature) is reported with the part's images as in-domain against the
   non-dermatoscopic reference images (`skinsense.ood_reference`): `ood_auroc` (refused
   images positive, gate score as the score; 1.0 separates perfectly), `ood_fpr_at_95_tpr`
@@ -65,7 +65,7 @@ from sklearn.metrics import (
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from skinsense.bootstrap import LesionBootstrap, percentile_interval
-from skinsense.calibration import (
+from skinsense.trust.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     calibrated_probabilities,
@@ -74,12 +74,12 @@ from skinsense.calibration import (
     reliability_bins,
 )
 from skinsense.data.records import CachedSplit
-from skinsense.gate import OodGate, choose_threshold, fit_gate, load_gate, save_gate
+from skinsense.trust.gate import OodGate, choose_threshold, fit_gate, load_gate, save_gate
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
 from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, load_card, load_model_dir, save_card
 from skinsense.presets import make_preset
-from skinsense.referral import (
+from skinsense.trust.referral import (
     choose_referral_threshold,
     describe_rule,
     is_malignant,
@@ -668,7 +668,7 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
     `referral_sensitivity` of the malignant validation images are referred, on calibrated
     probabilities. Both go into the folder's card (`temperature`, `referral_threshold`,
     `referral_sensitivity_target`), which every predictor path then follows. The gate
-    (`skinsense.gate`) takes its class means and shared Ledoit-Wolf covariance from the
+    (`skinsense.trust.gate`) takes its class means and shared Ledoit-Wolf covariance from the
     training part's features and its threshold from the validation part's scores (the same
     forward pass as the temperature's logits): `ood_gate.safetensors`, and `ood_threshold`,
     `ood_percentile`, `ood_gate` in the card.

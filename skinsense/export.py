@@ -4,7 +4,7 @@
 graph takes what the evaluation preset produces (float32, NCHW, normalized with the card's
 mean and std, side `card.image_size`) with a dynamic batch axis, and returns two outputs:
 raw logits (N, 7) in the card's class order, and the penultimate features (N, D), the input
-of the classifier head, which the out-of-domain gate (`skinsense.gate`) scores, so that the
+of the classifier head, which the out-of-domain gate (`skinsense.trust.gate`) scores, so that the
 gate costs no second forward pass. The predictor divides the logits by the card's
 temperature and applies the softmax, exactly as it does for the PyTorch model (so a
 recalibrated card, or a refitted gate, needs no new export). The file is self-contained

@@ -7,7 +7,7 @@ the input size of its ImageNet weights.
 The registry also knows two places inside each network:
 
 - the classifier head (the last Linear layer): its input is the *penultimate features* that
-  the out-of-domain gate (`skinsense.gate`) measures distances on. `LogitsAndFeatures`
+  the out-of-domain gate (`skinsense.trust.gate`) measures distances on. `LogitsAndFeatures`
   returns both from one forward pass (what the ONNX export computes);
 - the Grad-CAM target layer (`cam_target_layer`): the last convolutional stage of the
   EfficientNets (`features[-1]`) and resnets (`layer4`), the last block of maxvit_t. Other

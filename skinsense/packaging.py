@@ -5,7 +5,7 @@ code) and `model_card.json` (architecture, class codes in order, input size, nor
 metrics, dataset fingerprint, the resolved config, and from the evaluation stage the
 calibration temperature, the referral rule with its test figures, the subgroup audit's
 gaps and the out-of-domain gate's threshold). The evaluation stage adds
-`ood_gate.safetensors` (the gate's class means and precision matrix, `skinsense.gate`) and
+`ood_gate.safetensors` (the gate's class means and precision matrix, `skinsense.trust.gate`) and
 the registry `model.onnx`. The app rebuilds itself from that alone.
 """
 
@@ -48,10 +48,10 @@ class ModelCard(BaseModel):
     # these defaults: temperature 1 (the plain softmax) and no referral rule.
     temperature: float = Field(
         1.0, gt=0, allow_inf_nan=False, description="Logits are divided by this before the softmax "
-        "(skinsense.calibration); fitted on the validation part.")
+        "(skinsense.trust.calibration); fitted on the validation part.")
     referral_threshold: float | None = Field(
         None, description="Refer when calibrated p(mel) + p(bcc) + p(akiec) >= this "
-        "(skinsense.referral); None: no referral rule.")
+        "(skinsense.trust.referral); None: no referral rule.")
     referral_sensitivity_target: float | None = Field(
         None, description="The validation sensitivity the threshold was chosen for.")
     referral_rule: str = Field(
@@ -65,7 +65,7 @@ class ModelCard(BaseModel):
     # Set by the evaluation stage with ood_gate.safetensors; None: no gate (an older model).
     ood_threshold: float | None = Field(
         None, description="The out-of-domain gate refuses an image whose smallest Mahalanobis "
-        "distance to a class mean (skinsense.gate) is above this; None: no gate.")
+        "distance to a class mean (skinsense.trust.gate) is above this; None: no gate.")
     ood_percentile: float | None = Field(
         None, description="The percentile of the validation part's gate scores the threshold "
         "is (95: about 5% of in-domain images are refused).")

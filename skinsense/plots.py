@@ -181,7 +181,7 @@ def plot_reliability_diagram(panels: Sequence[tuple[str, Mapping[str, np.ndarray
 
     Args:
         panels: one (label, bins, ECE) per panel, e.g. before and after temperature
-            scaling; `bins` as `skinsense.calibration.reliability_bins` returns them.
+            scaling; `bins` as `skinsense.trust.calibration.reliability_bins` returns them.
         out_path: the PNG to write (its folder is created).
         title: the figure title.
 

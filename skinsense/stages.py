@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig, ServeConfig
 from skinsense.evaluation import EvalResult
-from skinsense.handoff import ArchRequest, ArchResult, DataHandoff
+from skinsense.lifecycle.handoff import ArchRequest, ArchResult, DataHandoff
 from skinsense.data.records import (
     FetchedData,
     ImageCache,
@@ -181,7 +181,7 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     from skinsense.data.cache import read_cached_manifest
     from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
     from skinsense.packaging import load_card, save_card
-    from skinsense.referral import describe_rule
+    from skinsense.trust.referral import describe_rule
 
     tracking.configure(home)
     model_dir, run_id = trained.model_dir, trained.run_id
@@ -265,7 +265,8 @@ def select_best(candidates: list[Candidate], metric: str) -> Candidate:
 def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: PipelineConfig,
                          home: Home, *, test_key: str, parent_run_id: str):
     """Register the best candidate as `challenger`; promote it to `champion` if better."""
-    from skinsense import registry, tracking
+    from skinsense import tracking
+    from skinsense.lifecycle import registry
     from skinsense.evaluation import evaluate_model_dir
     from skinsense.packaging import load_card
 
@@ -339,8 +340,8 @@ class FanOutError(RuntimeError):
 
 
 def publish_data(cache: ImageCache, fingerprint: str, home: Home) -> DataHandoff:
-    """The image cache, recorded for child runs on other workers (see `skinsense.handoff`)."""
-    from skinsense.handoff import publish_cache
+    """The image cache, recorded for child runs on other workers (see `skinsense.lifecycle.handoff`)."""
+    from skinsense.lifecycle.handoff import publish_cache
 
     return publish_cache(cache, fingerprint, home)
 
@@ -358,7 +359,7 @@ def job_variables_for(cfg: PipelineConfig, arch: str) -> dict:
 def receive_data(request: ArchRequest, home: Home) -> ImageCache:
     """In a child run: the parent's image cache under this worker's home, verified against
     the data fingerprint and checksums the parent recorded."""
-    from skinsense.handoff import receive_cache
+    from skinsense.lifecycle.handoff import receive_cache
 
     return receive_cache(request.data, home)
 
@@ -366,7 +367,7 @@ def receive_data(request: ArchRequest, home: Home) -> ImageCache:
 def publish_candidate(candidate: Candidate, home: Home) -> ArchResult:
     """In a child run: log the model folder to MLflow and return what the parent needs."""
     from skinsense import tracking
-    from skinsense.handoff import publish_candidate as publish
+    from skinsense.lifecycle.handoff import publish_candidate as publish
 
     tracking.configure(home)
     return publish(candidate.arch, candidate.run_id, candidate.image_size,
@@ -381,7 +382,7 @@ def receive_candidates(outcomes: list[ChildOutcome], home: Home) -> list[Candida
             names every child run that did not complete, so that neither hides the other.
     """
     from skinsense import tracking
-    from skinsense.handoff import rebase_evaluation, receive_model_dir
+    from skinsense.lifecycle.handoff import rebase_evaluation, receive_model_dir
 
     tracking.configure(home)
     candidates, unreceived = [], []

@@ -38,7 +38,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from skinsense.bootstrap import NO_FIGURE, Estimate, LesionBootstrap, percentile_interval
-from skinsense.referral import is_malignant
+from skinsense.trust.referral import is_malignant
 
 ATTRIBUTES: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type")
 OVERALL = "all"

@@ -6,6 +6,7 @@ Without `MLFLOW_TRACKING_URI` SkinSense uses an embedded store under SKINSENSE_H
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -172,11 +173,15 @@ def system_metrics(run_id: str) -> Iterator[None]:
 def log_dataset(run_id: str, manifest_csv: Path, *, name: str, digest: str, context: str) -> None:
     """Record a manifest as an MLflow dataset input of `run_id` (digest: data fingerprint)."""
     import pandas as pd
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     frame = pd.read_csv(manifest_csv)
-    dataset = mlflow.data.from_pandas(frame, source=str(manifest_csv), name=name,
+    # The source's type named ("local": a file on this machine's disk), not guessed from the
+    # path: MLflow registers two local-file source classes, and a guess warns about both.
+    source = get_dataset_source_from_json(json.dumps({"uri": str(manifest_csv)}), "local")
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name,
                                       digest=digest[:36], targets="dx")
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])])

@@ -16,11 +16,11 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
-from deployments.definitions import TRAIN_DEPLOYMENT, WORK_POOL
 from skinsense import stages
 from skinsense.config import PipelineConfig
 from skinsense.data.records import ImageCache
-from skinsense.handoff import ArchRequest, ArchResult, DataHandoff
+from skinsense.lifecycle.handoff import (
+    TRAIN_DEPLOYMENT, WORK_POOL, ArchRequest, ArchResult, DataHandoff)
 from skinsense.paths import Home
 
 

@@ -10,7 +10,7 @@ from skinsense import stages
 from skinsense.config import PipelineConfig, ServeConfig
 from skinsense.data.records import ImageCache
 from skinsense.paths import Home
-from skinsense.registry import PromotionDecision
+from skinsense.lifecycle.registry import PromotionDecision
 from skinsense.serving.deploy import Deployment
 
 

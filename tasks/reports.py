@@ -14,7 +14,7 @@ from prefect.artifacts import (
 from skinsense import reports, stages
 from skinsense.data.records import OversampledData, SplitData
 from skinsense.paths import Home
-from skinsense.registry import PromotionDecision
+from skinsense.lifecycle.registry import PromotionDecision
 
 
 @task(name="report-data")

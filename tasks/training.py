@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.concurrency.sync import concurrency
+from prefect.settings import PREFECT_API_URL
 
 from skinsense import stages
 from skinsense.config import EvalConfig, PipelineConfig
@@ -26,18 +27,27 @@ def _not_diverged(task, task_run, state) -> bool:
     return not getattr(state.result(raise_on_failure=False), "diverged", False)
 
 
+def gpu_slots(limit: str | None, devices: int):
+    """Hold `devices` slots of the global concurrency limit `limit` while training.
+
+    The stack and compose create the limit 'gpu' on their server, one slot per GPU. Prefect's
+    temporary server (no PREFECT_API_URL: embedded runs) keeps no limit that anything
+    created, so training there asks for none and proceeds unthrottled, as it always did.
+    Fanned-out children pass None: the limit counts one machine's GPUs, and each machine's own
+    GPU locks (skinsense.training.gpus) already keep trainings apart there.
+    """
+    if limit and PREFECT_API_URL.value():
+        return concurrency(limit, occupy=devices, strict=False)
+    return nullcontext()
+
+
 # A retry resumes from the architecture's last checkpoint (same run folder).
 @task(name="train", task_run_name="train-{arch}", retries=1, retry_delay_seconds=30,
       retry_condition_fn=_not_diverged)
 def train(cache: ImageCache, arch: str, cfg: PipelineConfig, home: Path,
           class_weights: list[float] | None, parent_run_id: str,
           fingerprint: str, gpu_limit: str | None = "gpu") -> stages.TrainedArch:
-    # Where the limit 'gpu' exists (the stack and compose create it), it holds one slot per
-    # GPU; without it (embedded runs) training proceeds unthrottled. Fanned-out children pass
-    # None: the limit counts one machine's GPUs, and each machine's own GPU locks
-    # (skinsense.training.gpus) already keep trainings apart there.
-    with (concurrency(gpu_limit, occupy=cfg.train.devices, strict=False) if gpu_limit
-          else nullcontext()):
+    with gpu_slots(gpu_limit, cfg.train.devices):
         return stages.train_architecture(cache, arch, cfg, Home(home),
                                          class_weights=class_weights,
                                          parent_run_id=parent_run_id, fingerprint=fingerprint)

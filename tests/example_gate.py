@@ -1,7 +1,7 @@
 """A real out-of-domain gate for the tiny test models, fitted on the real example images.
 
 The app tests serve random-weight 32 px models (training one takes minutes). Their gate is
-fitted the way the evaluation fits one (`skinsense.gate`: class means and a shared
+fitted the way the evaluation fits one (`skinsense.trust.gate`: class means and a shared
 Ledoit-Wolf precision, threshold at a percentile of held-out scores), on flipped, rotated
 and cropped views of the eight real HAM10000 examples, each labelled with its real class:
 so the real examples are in domain for these models, and photos of other things are not.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skinsense.gate import choose_threshold, fit_gate, save_gate
+from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
 from skinsense.labels import CODE_TO_INDEX
 from skinsense.packaging import load_card, save_card
 from skinsense.serving.app import EXAMPLES_DIR, example_images

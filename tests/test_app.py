@@ -32,7 +32,8 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from skinsense import registry, tracking
+from skinsense import tracking
+from skinsense.lifecycle import registry
 from skinsense.export import ONNX_FILE
 from skinsense.models import build_model
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, save_model_dir

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from skinsense.calibration import (
+from skinsense.trust.calibration import (
     MAX_TEMPERATURE,
     calibrated_probabilities,
     fit_temperature,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skinsense import stack_auth
+from skinsense.stack import auth as stack_auth
 
 ROOT = Path(__file__).resolve().parents[1]
 UIS = {"prefect-server": 4200, "mlflow": 5000, "app": 7860, "minio": 9001}

@@ -47,3 +47,19 @@ def test_served_deployments_carry_schedule_and_schema():
     assert all(d.enforce_parameter_schema for d in built.values())
     schema = built["manual"]._parameter_openapi_schema.model_dump()
     assert "config" in schema["properties"]  # the UI renders PipelineConfig as a form
+
+
+def test_training_asks_for_the_gpu_limit_only_where_a_server_keeps_it():
+    """Prefect's temporary server keeps no 'gpu' limit: asking there only logs that it does not
+    exist (once per architecture in the demo). A configured server is asked."""
+    from contextlib import nullcontext
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.training import gpu_slots
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert isinstance(gpu_slots(definitions.GPU_LIMIT, 1), nullcontext)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert not isinstance(gpu_slots(definitions.GPU_LIMIT, 1), nullcontext)
+        assert isinstance(gpu_slots(None, 1), nullcontext)  # fanned-out children

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from skinsense import plots
-from skinsense.calibration import calibrated_probabilities
+from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.data.records import CachedSplit
 from skinsense.evaluation import (
     HEADLINE_METRICS,
@@ -198,7 +198,7 @@ def test_evaluate_model_dir_writes_everything(model_dir, cached_part, tmp_path):
     assert "mel" in (tmp_path / "eval" / "classification_report.txt").read_text()
     # With tta the headline figures are the flips' average; what the app's rules promise
     # (calibration here) is measured on the plain pass the app makes.
-    from skinsense.calibration import negative_log_likelihood
+    from skinsense.trust.calibration import negative_log_likelihood
 
     labels = np.load(cached_part.labels_npy)
     plain, flipped = (predict_logits(model_dir, cached_part, tta=t) for t in (False, True))

@@ -109,11 +109,12 @@ QUADRANTS = {"top-left": (slice(0, UPLOAD // 2), slice(0, UPLOAD // 2)),
 @pytest.mark.slow
 @pytest.mark.parametrize("where,centre", [("top-left", (64, 64)), ("bottom-right", (190, 180))])
 def test_the_heat_peaks_where_the_class_signal_is(disc_model, where, centre):
+    from skinsense.serving.explain import explain_image
     from skinsense.serving.predictor import Predictor
 
     predictor = Predictor.from_model_dir(disc_model)
     image = toy_image(np.random.default_rng(7), centre=centre)
-    explanation = predictor.explain(png(image))
+    explanation = explain_image(predictor, png(image))
     assert explanation.class_code == "mel"
     heat = explanation.heatmap
     assert heat.shape == (UPLOAD, UPLOAD) and explanation.overlay.size == (UPLOAD, UPLOAD)
@@ -128,8 +129,9 @@ def test_the_heat_peaks_where_the_class_signal_is(disc_model, where, centre):
 
 @pytest.mark.slow
 def test_the_overlay_keeps_a_non_square_uploads_size(disc_model):
+    from skinsense.serving.explain import explain_image
     from skinsense.serving.predictor import Predictor
 
     wide = toy_image(np.random.default_rng(8), centre=(60, 60), size=UPLOAD).resize((400, 220))
-    explanation = Predictor.from_model_dir(disc_model).explain(png(wide))
+    explanation = explain_image(Predictor.from_model_dir(disc_model), png(wide))
     assert explanation.overlay.size == (400, 220) and explanation.heatmap.shape == (220, 400)

@@ -144,7 +144,7 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
 
     import pandas as pd
 
-    from skinsense.calibration import calibrated_probabilities
+    from skinsense.trust.calibration import calibrated_probabilities
     from skinsense.labels import CLASS_CODES
     from skinsense.packaging import load_card, save_card
     from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc

@@ -14,7 +14,7 @@ import pytest
 from skinsense import stages
 from skinsense.config import PipelineConfig, TrainConfig
 from skinsense.evaluation import EvalResult
-from skinsense.handoff import (
+from skinsense.lifecycle.handoff import (
     HANDOFF_FILE,
     ArchResult,
     HandoffError,

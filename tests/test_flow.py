@@ -55,9 +55,9 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
 
 def assert_card_has_the_new_fields(champion, tmp_path) -> None:
     """The registered model card carries the temperature, the rule and the audit's gaps."""
-    from skinsense.gate import GATE_FILE
+    from skinsense.trust.gate import GATE_FILE
     from skinsense.packaging import load_card
-    from skinsense.registry import download_model_dir
+    from skinsense.lifecycle.registry import download_model_dir
 
     model_dir = download_model_dir("skinsense", str(champion.version), tmp_path / "champ")
     card = load_card(model_dir)

@@ -13,7 +13,7 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
 from skinsense.evaluation import ood_report
-from skinsense.gate import (
+from skinsense.trust.gate import (
     ABSENT,
     GATE_FILE,
     GateError,

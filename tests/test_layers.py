@@ -1,8 +1,11 @@
-"""The layers of DESIGN.md hold: skinsense never imports prefect; data and training code import
-without prefect, mlflow and gradio (the GPU benchmark machine has none of them)."""
+"""The layers of DESIGN.md hold: imports point down the layers and never go round in a cycle;
+skinsense never imports prefect; data and training code import without prefect, mlflow and
+gradio (the GPU benchmark machine has none of them)."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +32,10 @@ STANDALONE_MODULES = [
     "skinsense.data.datasets", "skinsense.training.loop", "skinsense.training.launcher",
     "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",
     "skinsense.presets", "skinsense.packaging",
-    # Serving applies calibration and the referral rule; evaluation adds the audit.
-    "skinsense.calibration", "skinsense.referral", "skinsense.bootstrap", "skinsense.subgroups",
-    # The out-of-domain gate, the quality checks and the reference images are used by
-    # evaluation (on the GPU machine) as well as by serving.
-    "skinsense.gate", "skinsense.quality", "skinsense.ood_reference", "skinsense.evaluation",
+    # Serving applies the trust rules; evaluation fits them and adds the audit.
+    "skinsense.trust.calibration", "skinsense.trust.referral", "skinsense.trust.gate",
+    "skinsense.trust.quality", "skinsense.bootstrap", "skinsense.subgroups",
+    "skinsense.ood_reference", "skinsense.evaluation",
     "skinsense.serving.predictor", "skinsense.serving.explain",
 ]
 ORCHESTRATION = {"prefect", "mlflow", "gradio"}
@@ -66,3 +68,93 @@ def test_tasks_are_thin():
         for block in path.read_text().split("@task")[1:]:
             body = [line for line in block.splitlines() if line.strip()]
             assert len(body) <= 30, f"a task in {path.name} is {len(body)} lines"
+
+
+# The layers, lowest first (docs/DESIGN.md draws the same map). A module imports only from its
+# own layer or the ones below, wherever the import statement is (module level, inside a
+# function, or under TYPE_CHECKING). The `skinsense` command sits on top: it is the entry
+# point, and imports flows and deployments only when the command that needs them runs.
+LAYERS = [
+    ("foundations", ["skinsense", "skinsense.labels", "skinsense.config", "skinsense.paths",
+                     "skinsense.processes", "skinsense.tracking", "skinsense.models",
+                     "skinsense.presets", "skinsense.packaging", "skinsense.export"]),
+    ("data", ["skinsense.data"]),
+    ("training, trust and the audit", [
+        "skinsense.training", "skinsense.trust", "skinsense.bootstrap", "skinsense.subgroups",
+        "skinsense.ood_reference", "skinsense.plots"]),
+    ("evaluation and serving", ["skinsense.evaluation", "skinsense.serving"]),
+    ("lifecycle", ["skinsense.lifecycle"]),
+    ("stages and the stack", ["skinsense.stages", "skinsense.reports", "skinsense.stack"]),
+    ("tasks", ["tasks"]),
+    ("flows", ["flows"]),
+    ("deployments", ["deployments"]),
+    ("command", ["skinsense.cli"]),
+]
+PACKAGES = ("skinsense", "flows", "tasks", "deployments")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+
+def _imported(path: Path) -> set[str]:
+    """The project modules `path` imports (`import_module("x")` with a literal name too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                names.add(full if full in MODULES else node.module)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names.add(node.args[0].value)
+    found = set()
+    for name in names:
+        while name and name not in MODULES:  # `a.b.name` where `name` is not a module
+            name = name.rpartition(".")[0]
+        if name:
+            found.add(name)
+    return found
+
+
+def _layer(module: str) -> int:
+    """Index in LAYERS of the longest prefix that names `module`'s place."""
+    best, where = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, where = len(prefix), index
+    assert where is not None, f"{module} has no place in LAYERS (tests/test_layers.py)"
+    return where
+
+
+GRAPH = {module: _imported(path) - {module} for module, path in MODULES.items()}
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{module} ({LAYERS[_layer(module)][0]}) imports {target} "
+              f"({LAYERS[_layer(target)][0]})"
+              for module, targets in sorted(GRAPH.items()) for target in sorted(targets)
+              if _layer(target) > _layer(module)]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    try:
+        graphlib.TopologicalSorter(GRAPH).prepare()
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_the_layer_checks_see_the_imports():
+    # The checks above pass trivially if the graph is empty or misses lazy imports.
+    assert "skinsense.serving.predictor" in GRAPH["skinsense.serving.explain"]
+    assert "skinsense.tracking" in GRAPH["skinsense.training.worker"]  # inside a function
+    assert {"flows.pipeline", "deployments.serve"} <= GRAPH["skinsense.cli"]  # import_module
+    assert _layer("skinsense.trust.gate") < _layer("skinsense.serving.predictor")

@@ -12,6 +12,7 @@ from PIL import Image
 from skinsense.models import build_model
 from skinsense.packaging import ModelCard, save_model_dir
 from skinsense.serving.app import EXAMPLES_DIR
+from skinsense.serving.explain import explain_image
 from skinsense.serving.predictor import ImageRejected, Predictor
 
 
@@ -95,7 +96,7 @@ def test_served_preprocessing_matches_the_cache(predictor, tmp_path):
 
 
 def test_without_a_gate_the_gate_is_reported_absent_not_in_domain(predictor):
-    from skinsense.gate import ABSENT
+    from skinsense.trust.gate import ABSENT
 
     assessment = predictor.assess(sorted(EXAMPLES_DIR.glob("*.jpg"))[0])
     assert assessment.gate.status == "absent" and assessment.gate.in_domain is None
@@ -183,7 +184,7 @@ def test_an_onnx_export_from_before_the_gate_still_serves(gated, tmp_path):
     import onnx
 
     from skinsense.export import ONNX_FILE
-    from skinsense.gate import GATE_FILE
+    from skinsense.trust.gate import GATE_FILE
 
     old = tmp_path / "old"
     shutil.copytree(gated, old)
@@ -202,12 +203,24 @@ def test_an_onnx_export_from_before_the_gate_still_serves(gated, tmp_path):
 def test_explain_gives_an_overlay_of_the_uploads_size(gated):
     path = sorted(EXAMPLES_DIR.glob("*.jpg"))[0]
     predictor = Predictor.from_model_dir(gated)
-    explanation = predictor.explain(path.read_bytes())
+    explanation = explain_image(predictor, path.read_bytes())
     assert explanation.overlay.size == (600, 450) and explanation.overlay.mode == "RGB"
     assert explanation.heatmap.shape == (450, 600)
     assert 0 <= explanation.heatmap.min() and explanation.heatmap.max() <= 1
     assert explanation.class_code == predictor.assess(path).top_class
     assert explanation.gate.in_domain is True and explanation.target_layer == "layer4"
+    # The PyTorch copy is loaded once per predictor and goes away with it.
+    import gc
+
+    from skinsense.serving import explain
+
+    key = id(predictor)
+    loaded = explain._EXPLAINERS[key]
+    assert explain_image(predictor, path.read_bytes()).class_code == explanation.class_code
+    assert explain._EXPLAINERS[key] is loaded
+    del predictor
+    gc.collect()
+    assert key not in explain._EXPLAINERS
 
 
 def test_explain_names_architectures_it_cannot_explain(tmp_path):
@@ -218,4 +231,4 @@ def test_explain_names_architectures_it_cannot_explain(tmp_path):
                                    ModelCard(arch="mobilenet_v3_small", image_size=64),
                                    tmp_path / "m")
     with pytest.raises(NoExplanationError, match="no explanation for this architecture"):
-        Predictor.from_model_dir(model_dir).explain(real_sample())
+        explain_image(Predictor.from_model_dir(model_dir), real_sample())

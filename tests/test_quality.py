@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from skinsense.quality import (
+from skinsense.trust.quality import (
     MAX_MEAN_LUMA,
     MEASURE_SIDE,
     MIN_LAPLACIAN_VARIANCE,

@@ -10,7 +10,7 @@ import pytest
 from skinsense.evaluation import referral_metrics, referral_report
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
 from skinsense.packaging import ModelCard
-from skinsense.referral import (
+from skinsense.trust.referral import (
     REFERRAL_CODES,
     choose_referral_threshold,
     describe_rule,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from skinsense import registry, tracking
+from skinsense import tracking
+from skinsense.lifecycle import registry
 from skinsense.export import ONNX_FILE, weights_sha256
 from skinsense.models import build_model
 from skinsense.packaging import ModelCard, save_model_dir
@@ -116,6 +117,38 @@ def test_pyfunc_model_returns_probabilities(tmp_path, store):
     assert frame["in_domain"].tolist() == [None, None] and frame["ood_score"].isna().all()
     assert frame["referral"].tolist() == [None, None]
     assert frame["quality_issue"].tolist() == ["", ""]
+
+
+@pytest.mark.slow
+def test_a_version_registered_before_the_regrouping_still_loads_and_serves(
+        tmp_path, store, monkeypatch):
+    """Issue 20 moved modules into packages (trust/, lifecycle/, stack/). A registered version
+    keeps its own copy of the pyfunc code and names modules only in text: each module it
+    names must still import, and the version must still predict."""
+    import importlib
+    import re
+
+    import pandas as pd
+
+    from skinsense.labels import CLASS_CODES
+    from skinsense.serving.app import EXAMPLES_DIR
+
+    old_code = Path(__file__).parent / "fixtures" / "pyfunc_model_before_issue_20.py"
+    monkeypatch.setattr(registry, "PYFUNC_CODE", old_code)
+    decision = register(tmp_path, store, "old", 0.5)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/skin/{decision.version}", dst_path=str(tmp_path / "dl")))
+    texts = [p.read_text() for p in local.rglob("*")
+             if p.is_file() and p.suffix in {"", ".py", ".json", ".yaml", ".txt"}]
+    assert any(old_code.read_text() == text for text in texts)  # the old code was stored
+    named = {m for text in texts for m in re.findall(r"\bskinsense(?:\.[a-z_]+)+", text)}
+    assert "skinsense.serving.pyfunc" in named
+    for module in sorted(named):
+        importlib.import_module(module)
+    model = mlflow.pyfunc.load_model(f"models:/skin/{decision.version}")
+    images = [p.read_bytes() for p in sorted(EXAMPLES_DIR.glob("*.jpg"))[:2]]
+    frame = model.predict(pd.DataFrame({"image": images}))
+    assert frame[list(CLASS_CODES)].sum(axis=1).round(5).tolist() == [1.0, 1.0]
 
 
 def gated_version(tmp_path, experiment_id) -> str:

@@ -10,8 +10,9 @@ import stat
 
 import pytest
 
-from skinsense import stack, stack_auth
-from skinsense.stack_auth import AuthSettingsError, StackCredentials
+from skinsense import stack
+from skinsense.stack import auth as stack_auth
+from skinsense.stack.auth import AuthSettingsError, StackCredentials
 
 GOOD = StackCredentials(prefect_auth_string="admin:a-long-prefect-secret",
                         mlflow_username="admin", mlflow_password="a-long-mlflow-secret",
@@ -149,7 +150,7 @@ def test_servers_get_urls_and_secrets_by_environment_never_by_command_line(tmp_p
     from skinsense.paths import Home
 
     home = Home(tmp_path).ensure()
-    services = stack._services(
+    services = stack.services._services(
         home, host="127.0.0.1", prefect_port=1, mlflow_port=2, app_port=3,
         prefect_database_url="postgresql+asyncpg://u:pg-secret@h/prefect",
         mlflow_backend_store_uri="postgresql://u:pg-secret@h/mlflow",
@@ -172,7 +173,7 @@ def test_servers_get_urls_and_secrets_by_environment_never_by_command_line(tmp_p
         assert env["MLFLOW_TRACKING_PASSWORD"] == GOOD.mlflow_password
     assert services[stack.RUNNER].health_headers == GOOD.prefect_headers()
 
-    plain = stack._services(home, host="127.0.0.1", prefect_port=1, mlflow_port=2, app_port=3)
+    plain = stack.services._services(home, host="127.0.0.1", prefect_port=1, mlflow_port=2, app_port=3)
     assert "--app-name" not in plain[stack.MLFLOW].cmd
     assert plain[stack.MLFLOW].env["MLFLOW_BACKEND_STORE_URI"] == \
         f"sqlite:///{home.mlflow / 'mlflow.db'}"

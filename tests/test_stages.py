@@ -62,3 +62,22 @@ def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
     assert artifacts == {"subgroups/subgroup_metrics.csv", "subgroups/subgroup_metrics.md"}
     isic = {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation-isic2018")}
     assert "evaluation-isic2018/reliability_diagram.png" in isic
+
+
+def test_a_manifest_is_logged_as_a_local_dataset_without_a_guess(tmp_path, home):
+    import warnings
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    tracking.configure(home)
+    run_id = MlflowClient().create_run(tracking.ensure_experiment("datasets", home)).info.run_id
+    manifest = tmp_path / "train.csv"
+    pd.DataFrame({"image_id": ["a", "b"], "dx": ["nv", "mel"]}).to_csv(manifest, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MLflow warns when it has to guess the source's type
+        tracking.log_dataset(run_id, manifest, name="train", digest="f" * 40, context="training")
+    (logged,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.source_type == "local"
+    assert str(manifest) in logged.dataset.source
+    assert logged.dataset.digest == "f" * 36

@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, recall_score
 from skinsense import subgroups
 from skinsense.bootstrap import LesionBootstrap
 from skinsense.labels import CODE_TO_INDEX
-from skinsense.referral import is_malignant
+from skinsense.trust.referral import is_malignant
 
 FIXTURE = Path(__file__).parent / "fixtures" / "HAM10000_metadata.csv"
 MIN_IMAGES = 30

@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from local_postgres import LocalPostgres, unavailable_reason
-from skinsense import stack, stack_auth
+from skinsense import stack
+from skinsense.stack import auth as stack_auth
 from flow_runs import tiny_parameters, wait_final
 from test_stack import free_ports
 

@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse
 from skinsense.config import ServeConfig
 from skinsense.labels import BY_CODE
 from skinsense.models import NoExplanationError
+from skinsense.serving.explain import explain_image
 from skinsense.serving.loading import LoadedModel
 from skinsense.serving.predictor import Assessment, ImageRejected
 from skinsense.serving.reload import ModelHolder
@@ -275,8 +276,8 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
             raise gr.Error("Upload, paste or take a photo of a skin lesion first.")
         model = holder.current
         try:
-            result = model.predictor.explain(
-                Path(image) if isinstance(image, str) else image, gate=cfg.gate)
+            result = explain_image(
+                model.predictor, Path(image) if isinstance(image, str) else image, gate=cfg.gate)
         except NoExplanationError as exc:
             return None, f"*{str(exc)[0].upper()}{str(exc)[1:]}.*"
         except ImageRejected as exc:

@@ -18,6 +18,7 @@ model's input squashed the whole image into a square.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,15 +28,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from skinsense.calibration import calibrated_probabilities
+from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.labels import CLASS_CODES
 from skinsense.models import cam_target_layer, cam_target_layer_path, head_name
 from skinsense.packaging import ModelCard, load_model_dir
-from skinsense.serving.predictor import GateResult, open_image
+from skinsense.serving.predictor import GateResult, Predictor, open_image
 
 if TYPE_CHECKING:
-    from skinsense.quality import QualityIssue
-    from skinsense.serving.predictor import Predictor
+    from skinsense.trust.quality import QualityIssue
 
 # How much of the photo shows through the heat map (pytorch-grad-cam's default is 0.5).
 IMAGE_WEIGHT = 0.55
@@ -153,3 +153,28 @@ class GradCamExplainer:
         overlay = show_cam_on_image(rgb, heat, use_rgb=True, image_weight=IMAGE_WEIGHT)
         return Explanation(Image.fromarray(overlay), heat, CLASS_CODES[top],
                            float(probabilities[top]), verdict, (), self.target_layer_path)
+
+
+# One explainer per served predictor, dropped with it (the predictor itself knows nothing of
+# explanations: this module builds on it, never the other way round).
+_EXPLAINERS: dict[int, GradCamExplainer] = {}
+_EXPLAINERS_LOCK = threading.Lock()
+
+
+def explain_image(predictor: Predictor, image, *, gate: bool = True) -> Explanation:
+    """A Grad-CAM overlay for the top class of `image`, at the upload's size.
+
+    The PyTorch weights of the predictor's model folder are loaded on the first call for that
+    predictor (ONNX Runtime cannot give gradients) and kept as long as the predictor lives.
+
+    Raises:
+        skinsense.models.NoExplanationError: no target layer is known for the arch.
+        ImageRejected: the file is not a readable image.
+    """
+    with _EXPLAINERS_LOCK:
+        explainer = _EXPLAINERS.get(id(predictor))
+        if explainer is None:
+            explainer = GradCamExplainer(Path(predictor.source), predictor.card)
+            _EXPLAINERS[id(predictor)] = explainer
+            weakref.finalize(predictor, _EXPLAINERS.pop, id(predictor), None)
+    return explainer.explain(predictor, image, gate=gate)

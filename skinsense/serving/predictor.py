@@ -8,12 +8,12 @@ Two backends compute the same logits and penultimate features in one forward pas
 Runtime, used when the model folder holds a `model.onnx` exported from its current weights
 (see `skinsense.export`), and PyTorch otherwise. For both, the logits become probabilities
 here, through the one function every path uses
-(`skinsense.calibration.calibrated_probabilities`) with the card's temperature; the referral
-decision on those probabilities is `skinsense.referral.referral_decision`.
+(`skinsense.trust.calibration.calibrated_probabilities`) with the card's temperature; the referral
+decision on those probabilities is `skinsense.trust.referral.referral_decision`.
 
 `assess` is what the app and the MLflow pyfunc answer with: the image-quality checks
-(`skinsense.quality`) first, then the model, the out-of-domain gate on its features
-(`skinsense.gate`, when the folder has one), the calibrated probabilities and the referral
+(`skinsense.trust.quality`) first, then the model, the out-of-domain gate on its features
+(`skinsense.trust.gate`, when the folder has one), the calibrated probabilities and the referral
 decision. `explain` adds a Grad-CAM overlay (`skinsense.serving.explain`, PyTorch weights
 loaded on first use).
 """
@@ -23,15 +23,15 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from skinsense.calibration import calibrated_probabilities
+from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.data.cache import resize_square
 from skinsense.export import (
     FEATURES_NAME,
@@ -43,16 +43,13 @@ from skinsense.export import (
     onnx_session,
     weights_sha256,
 )
-from skinsense.gate import ABSENT, GATE_FILE, OodGate, load_gate
+from skinsense.trust.gate import ABSENT, GATE_FILE, OodGate, load_gate
 from skinsense.labels import CLASS_CODES
 from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
 from skinsense.presets import make_preset
-from skinsense.quality import MEASURE_SIDE, QualityIssue, check_quality
-from skinsense.referral import Referral, referral_decision
-
-if TYPE_CHECKING:
-    from skinsense.serving.explain import Explanation, GradCamExplainer
+from skinsense.trust.quality import MEASURE_SIDE, QualityIssue, check_quality
+from skinsense.trust.referral import Referral, referral_decision
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +190,6 @@ class Predictor:
     # The out-of-domain gate (None: the folder has none, `gate_note` says why).
     gate: OodGate | None = None
     gate_note: str = ABSENT
-    _explainer: GradCamExplainer | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.session is None):
@@ -201,7 +197,6 @@ class Predictor:
         self._preset = make_preset("eval", mean=self.card.mean, std=self.card.std)
         # Either backend already uses every core for one batch; parallel calls only contend.
         self._lock = threading.Lock()
-        self._explainer_lock = threading.Lock()
         self._split = LogitsAndFeatures(self.model).eval() if self.model is not None else None
         self._session_has_features = (self.session is not None
                                       and onnx_has_features(self.session))
@@ -288,7 +283,7 @@ class Predictor:
 
     def predict_proba(self, images: list) -> np.ndarray:
         """Calibrated probabilities (N, 7) in CLASS_CODES order: the logits divided by the
-        card's temperature, then the softmax (`skinsense.calibration`)."""
+        card's temperature, then the softmax (`skinsense.trust.calibration`)."""
         return calibrated_probabilities(self.logits(images), self.card.temperature)
 
     def classify(self, image) -> dict[str, float]:
@@ -374,22 +369,6 @@ class Predictor:
         scores = self.gate.scores(features)
         return [GateResult("on", in_domain=bool(score <= threshold), score=float(score),
                            threshold=threshold) for score in scores]
-
-    def explain(self, image, *, gate: bool = True) -> Explanation:
-        """A Grad-CAM overlay for the top class, at the upload's size (`serving.explain`).
-
-        The PyTorch weights are loaded on the first call (ONNX Runtime cannot give gradients).
-
-        Raises:
-            skinsense.models.NoExplanationError: no target layer is known for the arch.
-            ImageRejected: the file is not a readable image.
-        """
-        from skinsense.serving.explain import GradCamExplainer
-
-        with self._explainer_lock:
-            if self._explainer is None:
-                self._explainer = GradCamExplainer(Path(self.source), self.card)
-        return self._explainer.explain(self, image, gate=gate)
 
 
 def _check_classes(card: ModelCard, model_dir: Path) -> None:

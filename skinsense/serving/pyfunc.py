@@ -10,13 +10,13 @@ DataFrame with one row per image (`OUTPUT_COLUMNS`):
   version from before SkinSense had one) or the image failed a quality check;
 - `ood_score` (float): the gate's score (larger: further from the training images; refused
   above the card's `ood_threshold`); NaN where `in_domain` is None;
-- `referral` (bool): the referral rule's "see a dermatologist" (`skinsense.referral`); None
+- `referral` (bool): the referral rule's "see a dermatologist" (`skinsense.trust.referral`); None
   when the model has no rule, the model did not run or the gate refused the image;
 - `quality_issue` (str): why the image was refused before the model ran ('' when it passed).
 
 Trust a row's probabilities only when `quality_issue` is '' and `in_domain` is True, as the
 app does. The model runs on ONNX Runtime when the registered folder holds `model.onnx`
-(every version registered by `skinsense.registry` does), else on PyTorch.
+(every version registered by `skinsense.lifecycle.registry` does), else on PyTorch.
 """
 
 from __future__ import annotations

@@ -43,6 +43,16 @@ HANDOFF_FILE = "handoff.json"
 MODEL_ARTIFACT = "model_folder"
 _SPLITS = ("train", "val", "test", "isic_test")
 
+# Where the children run: the deployment the pipeline starts one run of per architecture, on
+# the work pool whose workers may be on any machine (`deployments/` deploys it under these
+# names, `tasks/fanout.py` starts its runs, `flows/train_architecture.py` is its flow).
+WORK_POOL = "skinsense-gpu"
+TRAIN_DEPLOYMENT_NAME = "train-architecture"
+TRAIN_DEPLOYMENT = f"train-architecture/{TRAIN_DEPLOYMENT_NAME}"
+# A Prefect block slug (e.g. an S3 bucket block) for the children's results instead of the
+# shared SKINSENSE_HOME; the pipeline reads them back wherever it runs.
+RESULT_STORAGE_ENV = "SKINSENSE_RESULT_STORAGE"
+
 
 class HandoffError(RuntimeError):
     """Data or a model folder is missing or is not what the other side prepared."""
@@ -266,3 +276,11 @@ def rebase_evaluation(result: ArchResult, home: Home, model_dir: Path) -> EvalRe
         elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
             update[name] = [moved(v) for v in value]
     return evaluation.model_copy(update=update)
+
+
+def child_result_storage() -> str | Path:
+    """Where `train-architecture` runs persist their results: `$SKINSENSE_RESULT_STORAGE`
+    (a block slug), else `SKINSENSE_HOME/prefect-results` on the shared storage."""
+    from skinsense.config import skinsense_home
+
+    return os.environ.get(RESULT_STORAGE_ENV) or skinsense_home() / "prefect-results"

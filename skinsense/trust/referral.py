@@ -2,7 +2,7 @@
 
 The malignant HAM10000 classes are melanoma (mel), basal cell carcinoma (bcc) and actinic
 keratoses / intraepithelial carcinoma (akiec). The referral score of an image is the sum of
-their *calibrated* probabilities (see `skinsense.calibration`); the rule refers an image when
+their *calibrated* probabilities (see `skinsense.trust.calibration`); the rule refers an image when
 its score is at least the model card's `referral_threshold`.
 
 The threshold is chosen on the validation part (`choose_referral_threshold`): the highest one

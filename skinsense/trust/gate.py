@@ -161,7 +161,7 @@ def save_gate(gate: OodGate, model_dir: Path) -> Path:
                   "weights_sha256": gate.weights_sha256, "shrinkage": repr(gate.shrinkage),
                   "n_images": str(gate.n_images),
                   "classes": json.dumps([CLASS_CODES[int(k)] for k in gate.class_indices]),
-                  "score": "smallest Mahalanobis distance to a class mean (skinsense.gate)"})
+                  "score": "smallest Mahalanobis distance to a class mean (skinsense.trust.gate)"})
     tmp.replace(path)
     return path
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Models from code: MLflow stores this file, not a cloudpickle of an object, so loading a
 # registered model never unpickles code.
-PYFUNC_CODE = Path(__file__).parent / "serving" / "pyfunc_model.py"
+PYFUNC_CODE = Path(__file__).parents[1] / "serving" / "pyfunc_model.py"
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Version tags written by promotions and rollbacks.
