@@ -9,6 +9,8 @@ import socket
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
@@ -17,6 +19,7 @@ from skinsense.gate import (
     ABSENT,
     GATE_FILE,
     GateDamagedError,
+    MIN_RELATIVE_SPREAD,
     GateError,
     choose_threshold,
     fit_gate,
@@ -50,6 +53,65 @@ def test_fit_uses_class_means_and_the_ledoit_wolf_precision():
     expected = [min(mahalanobis(row, mean, gate.precision) for mean in gate.class_means)
                 for row in x]
     np.testing.assert_allclose(gate.scores(x), expected, rtol=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1e-6, 1e-3, 1.0, 1e3]),
+       offset=st.floats(-1e4, 1e4), dims=st.integers(2, 24))
+def test_distances_are_exact_at_any_scale_and_offset(seed, scale, offset, dims):
+    """Mahalanobis distances do not change when the features are scaled and shifted, so a
+    gate refitted on scaled and shifted features gives the same verdicts, and its distances
+    are scipy's to a relative 1e-6 (issue 19: |p|^2 - 2 p.m + |m|^2 lost every digit)."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dims, dims)) / np.sqrt(dims)
+    means = rng.normal(scale=3.0, size=(3, dims))
+
+    def draw(n: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(3), n)
+        return rng.normal(size=(3 * n, dims)) @ mixing + means[labels] + shift, labels
+
+    features, labels = draw(40)
+    val, _ = draw(20)
+    probe = np.r_[draw(10)[0], draw(4, shift=4.0)[0]]
+
+    def moved(x: np.ndarray) -> np.ndarray:
+        return x * scale + offset
+
+    base = fit_gate(features, labels)
+    gate = fit_gate(moved(features), labels)
+    distances = gate.distances(moved(probe))
+    expected = [[mahalanobis(row, mean, gate.precision) for mean in gate.class_means]
+                for row in moved(probe)]
+    np.testing.assert_allclose(distances, expected, rtol=1e-6)
+    # Affine invariance: the refitted gate measures what the original one does.
+    np.testing.assert_allclose(distances, base.distances(probe), rtol=1e-4)
+    threshold = choose_threshold(base.scores(val), 95)
+    moved_threshold = choose_threshold(gate.scores(moved(val)), 95)
+    base_scores = base.scores(probe)
+    clear = np.abs(base_scores - threshold) > 1e-3 * threshold  # no coin-flip ties
+    np.testing.assert_array_equal((gate.scores(moved(probe)) <= moved_threshold)[clear],
+                                  (base_scores <= threshold)[clear])
+
+
+def test_features_that_barely_vary_make_the_gate_unusable():
+    """The issue's model: features that vary by one float32 rounding of their magnitude
+    (relative spread 2.8e-8). Ordinary features are far above the line."""
+    rng = np.random.default_rng(7)
+    features, labels = gaussian_classes(rng, 100)
+    ordinary = fit_gate(features, labels)
+    assert ordinary.unusable_reason == ""
+    assert ordinary.relative_spread > 50 * MIN_RELATIVE_SPREAD
+    flat = 0.04 + 1e-9 * features          # the offset and spread of the issue's features
+    gate = fit_gate(flat, labels)
+    assert gate.relative_spread < 1e-6 and "barely vary" in gate.unusable_reason
+    # On an offset of 100, a smallest standard deviation of half the line is unusable,
+    # twice the line usable.
+    smallest_std = ordinary.relative_spread * np.sqrt(np.mean(features ** 2))
+    for factor, usable in ((0.5, False), (2.0, True)):
+        scale = factor * MIN_RELATIVE_SPREAD * 100.0 / smallest_std
+        shifted = fit_gate(100.0 + scale * features, labels)
+        assert shifted.relative_spread == pytest.approx(factor * MIN_RELATIVE_SPREAD, rel=0.1)
+        assert (shifted.unusable_reason == "") is usable
 
 
 def test_in_domain_images_pass_at_the_configured_rate_and_shifted_ones_do_not():
