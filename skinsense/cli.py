@@ -239,6 +239,9 @@ def _calibration_cell(row: dict) -> str:
     if row.get("temperature") is None:
         return "none"
     metrics = row["metrics"]
+    if row.get("calibration_helped") == "false":
+        # Fitted, but it made the test part worse: say what was done, not "calibrated".
+        return f"{row['calibration']}: did not help, not called calibrated"
     text = f"T={_short_number(row['temperature'])}"
     if "test_ece" in metrics:
         text += (f" ECE {_short_number(metrics.get('test_ece_uncalibrated', '?'))}"
@@ -266,6 +269,11 @@ def _gate_cell(row: dict) -> str:
     if row.get("ood_threshold") is None:
         return "none"
     metrics = row["metrics"]
+    if row.get("ood_gate_status") == "unusable":
+        return (f"UNUSABLE, served without it: {row.get('ood_gate_reason') or 'no reason'}"
+                + "".join(f" {label} {_short_number(metrics[key])}" for key, label in
+                          (("test_ood_auroc", "AUROC"), ("test_ood_rate", "test refused"))
+                          if key in metrics))
     percentile = row.get("ood_percentile")
     text = (f"score<={_short_number(row['ood_threshold'])} "
             f"({float(percentile):g}th pct. of val.)" if percentile else

@@ -28,9 +28,18 @@ Metric conventions (the classes of `skinsense.labels.CLASS_CODES`, indices 0..6)
   (the share of reference images still accepted at the score that accepts 95% of the part's
   images; the literature's "FPR at 95% TPR", in-domain positive), `ood_rate` (share of the
   part's images the gate refuses at its threshold: about 1 - percentile / 100 by design),
-  `ood_reference_refused` (share of reference images refused at the threshold) and,
-  as the baseline the gate is meant to beat, `ood_auroc_max_softmax` (the same AUROC with
-  one minus the top calibrated probability as the score).
+  `ood_reference_refused` (share of reference images refused at the threshold),
+  `ood_auroc_p_value` (one-sided Mann-Whitney test that the reference images score higher
+  than the part's: the chance of an AUROC this far above 0.5 from a gate that cannot tell
+  them apart) and, as the baseline the gate is meant to beat, `ood_auroc_max_softmax` (the
+  same AUROC with one minus the top calibrated probability as the score).
+- A gate that cannot judge is reported, not used (`judge_gate`): it is `unusable` when its
+  features barely vary (`skinsense.trust.gate.MIN_RELATIVE_SPREAD`, checked when it is fitted),
+  when it refuses far more of the part than its nominal rate (more than
+  `OOD_RATE_WARNING_FACTOR` times `1 - percentile / 100`, and a one-sided binomial test at
+  the nominal rate gives p < `OOD_UNUSABLE_P`), or when its AUROC against the reference
+  photos is not above 0.5 beyond chance (`ood_auroc_p_value` >= `OOD_UNUSABLE_P`). A refusal
+  rate over twice the nominal one is warned about in any case.
 
 `classification_metrics` returns flat `dict[str, float]` whose keys are MLflow metric names:
 the headline scalars (`HEADLINE_METRICS`) plus `precision_<code>`, `recall_<code>`,
@@ -74,7 +83,14 @@ from skinsense.trust.calibration import (
     reliability_bins,
 )
 from skinsense.data.records import CachedSplit
-from skinsense.trust.gate import OodGate, choose_threshold, fit_gate, load_gate, save_gate
+from skinsense.trust.gate import (
+    GateDamagedError,
+    OodGate,
+    choose_threshold,
+    fit_gate,
+    load_gate,
+    save_gate,
+)
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
 from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, load_card, load_model_dir, save_card
@@ -97,12 +113,19 @@ MELANOMA = "mel"
 # Columns a comparison table shows first, in this order; other keys follow alphabetically.
 # The referral rule at the same validation sensitivity target: what a clinician compares.
 REFERRAL_COMPARED: tuple[str, ...] = ("referral_sensitivity", "referral_specificity")
-# And how well each model's gate refuses non-dermatoscopic images.
-OOD_COMPARED: tuple[str, ...] = ("ood_auroc", "ood_fpr_at_95_tpr")
+# And how well each model's gate refuses non-dermatoscopic images, how many of the test
+# part's own images it refuses, and whether it can judge at all (`gate`).
+OOD_COMPARED: tuple[str, ...] = ("ood_auroc", "ood_fpr_at_95_tpr", "ood_rate")
 COMPARISON_COLUMNS: tuple[str, ...] = (
-    "arch", *HEADLINE_METRICS, *REFERRAL_COMPARED, *OOD_COMPARED, "parameters", "weights_mb",
-    "cpu_latency_ms", "gpu_images_per_s",
+    "arch", *HEADLINE_METRICS, *REFERRAL_COMPARED, *OOD_COMPARED, "gate", "parameters",
+    "weights_mb", "cpu_latency_ms", "gpu_images_per_s",
 )
+# A gate refusing more than this many times its nominal share of in-domain test images is
+# warned about; significantly so (binomial p below OOD_UNUSABLE_P) makes it unusable, as
+# does an AUROC against the reference photos that chance explains (p at or above it).
+OOD_RATE_WARNING_FACTOR = 2.0
+OOD_UNUSABLE_P = 1e-3
+GATE_USABLE, GATE_UNUSABLE = "usable", "unusable"
 
 
 class EvalResult(BaseModel):
@@ -122,6 +145,11 @@ class EvalResult(BaseModel):
     subgroup_gaps: dict[str, Any] = Field(default_factory=dict)  # `skinsense.subgroups.gaps`
     # `ood_report` of the gate on this part (empty when the model has no gate).
     ood: dict[str, Any] = Field(default_factory=dict)
+    # `judge_gate` on this part: 'usable', 'unusable' ('' when there is no gate), why it
+    # cannot judge, and warnings (its refusal rate) even when it can.
+    gate_status: str = ""
+    gate_reason: str = ""
+    gate_warning: str = ""
 
 
 # -- prediction ---------------------------------------------------------------------------------
@@ -424,7 +452,20 @@ def comparison_row(result: EvalResult) -> dict[str, Any]:
     """One row of the comparison table: arch, headline, referral and gate metrics, efficiency."""
     headline = {k: result.metrics[k] for k in (*HEADLINE_METRICS, *REFERRAL_COMPARED,
                                                 *OOD_COMPARED) if k in result.metrics}
-    return {"arch": result.arch, **headline, **result.efficiency}
+    return {"arch": result.arch, **headline, "gate": gate_summary_text(result),
+            **result.efficiency}
+
+
+def gate_summary_text(result: EvalResult) -> str:
+    """The gate of an evaluation in a few words: 'usable', 'UNUSABLE: why', 'none', with
+    any warning about its refusal rate."""
+    if not result.gate_status:
+        return "none"
+    text = ("UNUSABLE: " + result.gate_reason if result.gate_status == GATE_UNUSABLE
+            else result.gate_status)
+    if result.gate_warning and result.gate_warning not in text:
+        text += f"; warning: {result.gate_warning}"
+    return text
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -614,17 +655,26 @@ def training_originals(train_split: CachedSplit) -> np.ndarray | None:
     the rare classes (which would also cost a forward pass each). None (use every row)
     when the part names no manifest to tell them apart.
     """
+    return _gate_training_rows(train_split)[0]
+
+
+def _gate_training_rows(train_split: CachedSplit) -> tuple[np.ndarray | None, str]:
+    """`training_originals`, and what the gate is then fitted on, in words (the card's
+    `ood_gate.fitted_on`)."""
     from skinsense.data.cache import read_cached_manifest
     from skinsense.data.records import SOURCE_IMAGE_COLUMN
 
     try:
         manifest = read_cached_manifest(train_split)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         log.warning("fitting the gate on every training row, copies included: %s", exc)
-        return None
+        return None, (f"training part, every row: oversampled copies included, since its "
+                      f"manifest could not be read ({exc})")
     if SOURCE_IMAGE_COLUMN not in manifest.columns:
-        return None
-    return np.flatnonzero(manifest[SOURCE_IMAGE_COLUMN].isna().to_numpy())
+        return None, (f"training part, every row (its manifest has no {SOURCE_IMAGE_COLUMN} "
+                      f"column: no oversampled copies are known)")
+    return (np.flatnonzero(manifest[SOURCE_IMAGE_COLUMN].isna().to_numpy()),
+            "training part, original images (no oversampled copies)")
 
 
 def fit_gate_model_dir(model_dir: Path, train_split: CachedSplit, val_features: np.ndarray, *,
@@ -642,11 +692,20 @@ def fit_gate_model_dir(model_dir: Path, train_split: CachedSplit, val_features: 
         batch_size: images per forward pass.
 
     Returns:
-        The gate, its threshold and the share of validation images it refuses.
+        The gate, its threshold and the share of validation images it refuses
+        (`calibrate_model_dir` also records what it was fitted on in the card).
     """
+    return _fit_gate_model_dir(model_dir, train_split, val_features, percentile=percentile,
+                               batch_size=batch_size)[:3]
+
+
+def _fit_gate_model_dir(model_dir: Path, train_split: CachedSplit, val_features: np.ndarray, *,
+                        percentile: float, batch_size: int = 64
+                        ) -> tuple[OodGate, float, float, str]:
+    """`fit_gate_model_dir`, and what the gate was fitted on (`_gate_training_rows`)."""
     from skinsense.export import weights_sha256
 
-    rows = training_originals(train_split)
+    rows, fitted_on = _gate_training_rows(train_split)
     _, train_features = predict_outputs(model_dir, train_split, batch_size=batch_size, rows=rows)
     labels = np.load(train_split.labels_npy)
     labels = labels if rows is None else labels[rows]
@@ -654,7 +713,7 @@ def fit_gate_model_dir(model_dir: Path, train_split: CachedSplit, val_features: 
     val_scores = gate.scores(val_features)
     threshold = choose_threshold(val_scores, percentile)
     save_gate(gate, model_dir)
-    return gate, threshold, float((val_scores > threshold).mean())
+    return gate, threshold, float((val_scores > threshold).mean()), fitted_on
 
 
 def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sensitivity: float,
@@ -713,9 +772,12 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
                        else None)
     gate_figures: dict[str, Any] = {}
     if train_split is not None:
-        gate, ood_threshold, val_ood_rate = fit_gate_model_dir(
+        gate, ood_threshold, val_ood_rate, fitted_on = _fit_gate_model_dir(
             model_dir, train_split, val_features, percentile=gate_percentile,
             batch_size=batch_size)
+        if gate.unusable_reason:
+            log.warning("%s: its out-of-domain gate is unusable: %s; the app will serve the "
+                        "model without it", model_dir, gate.unusable_reason)
         gate_figures = {"ood_threshold": ood_threshold, "ood_percentile": gate_percentile,
                         "ood_gate_images": gate.n_images, "val_ood_rate": val_ood_rate}
     card = load_card(model_dir)
@@ -729,8 +791,12 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
         card.ood_gate = {
             "score": "smallest Mahalanobis distance of the penultimate features to a class "
                      "mean (shared Ledoit-Wolf covariance)",
-            "fitted_on": "training part, original images (no oversampled copies)",
+            "fitted_on": fitted_on,
             "train_images": gate.n_images, "feature_dim": gate.feature_dim,
+            "relative_spread": gate.relative_spread,
+            # Judged again on the test part by the evaluation stage (`judge_gate`).
+            "status": GATE_UNUSABLE if gate.unusable_reason else GATE_USABLE,
+            "reason": gate.unusable_reason,
             "shrinkage": gate.shrinkage, "classes": [CLASS_CODES[int(k)] for k in
                                                      gate.class_indices],
             "threshold_from": f"{gate_percentile:g}th percentile of the validation part's "
@@ -746,6 +812,32 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
         referral_sensitivity_target=referral_sensitivity, referral_threshold=threshold,
         referral_sensitivity=sensitivity, referral_specificity=specificity, note=note,
         **gate_figures)
+
+
+def calibration_outcome(temperature: float, n_val: int | None,
+                        metrics: dict[str, float]) -> dict[str, Any]:
+    """What the temperature did on the test part, for the card's `calibration`.
+
+    Args:
+        temperature: the card's temperature (fitted on the validation part).
+        n_val: validation images it was fitted on (None when unknown).
+        metrics: the test part's `evaluate_model_dir` metrics (`ece`, `ece_uncalibrated`,
+            `nll`, `nll_uncalibrated`).
+
+    Returns:
+        `temperature`, `fitted_on`, the four test figures, `helped` (the temperature lowered
+        the test NLL, the quantity it was fitted to lower) and `summary`, e.g. "temperature
+        1.03 fitted on validation; test ECE 0.096 -> 0.112, NLL 0.739 -> 0.742".
+    """
+    fitted_on = "validation" + (f" ({n_val} images)" if n_val else "")
+    helped = bool(metrics["nll"] < metrics["nll_uncalibrated"])
+    return {"temperature": temperature, "fitted_on": fitted_on,
+            "test_ece_uncalibrated": metrics["ece_uncalibrated"], "test_ece": metrics["ece"],
+            "test_nll_uncalibrated": metrics["nll_uncalibrated"], "test_nll": metrics["nll"],
+            "helped": helped,
+            "summary": (f"temperature {temperature:.2f} fitted on {fitted_on}; test ECE "
+                        f"{metrics['ece_uncalibrated']:.3f} -> {metrics['ece']:.3f}, NLL "
+                        f"{metrics['nll_uncalibrated']:.3f} -> {metrics['nll']:.3f}")}
 
 
 def reference_outputs(model_dir: Path, *, batch_size: int = 64
@@ -783,8 +875,10 @@ def ood_report(in_scores: np.ndarray, reference_scores: np.ndarray, threshold: f
 
     Returns:
         `ood_auroc`, `ood_fpr_at_95_tpr`, `ood_rate`, `ood_reference_refused`,
-        `ood_auroc_max_softmax` (when the probabilities are given), `ood_n_in`, `ood_n_reference`.
+        `ood_auroc_p_value`, `ood_auroc_max_softmax` (when the probabilities are given),
+        `ood_n_in`, `ood_n_reference`.
     """
+    from scipy.stats import mannwhitneyu
     from sklearn.metrics import roc_curve
 
     in_scores = np.asarray(in_scores, dtype=np.float64)
@@ -803,11 +897,47 @@ def ood_report(in_scores: np.ndarray, reference_scores: np.ndarray, threshold: f
         "ood_rate": float((in_scores > threshold).mean()),
         "ood_reference_refused": float((reference_scores > threshold).mean()),
         "ood_n_in": float(len(in_scores)), "ood_n_reference": float(len(reference_scores)),
+        "ood_auroc_p_value": float(mannwhitneyu(reference_scores, in_scores,
+                                                alternative="greater").pvalue),
     }
     if in_max_probability is not None and reference_max_probability is not None:
         report["ood_auroc_max_softmax"] = float(roc_auc_score(
             foreign, -np.r_[in_max_probability, reference_max_probability]))
     return report
+
+
+def judge_gate(ood: dict[str, float], percentile: float | None, *,
+               fit_reason: str = "") -> tuple[str, str, str]:
+    """Whether a gate can judge, from its fit and its figures on a held-out part.
+
+    Args:
+        ood: `ood_report` of the gate on the part (or just its `ood_rate` and `ood_n_in`).
+        percentile: the card's `ood_percentile` (nominal refusal rate 1 - percentile / 100).
+        fit_reason: why the fit found it unusable ('' when it did not: `OodGate.unusable_reason`).
+
+    Returns:
+        (status, reason, warning): status `GATE_USABLE` or `GATE_UNUSABLE`; the reasons it
+        is unusable in words ('' when usable); a warning about its refusal rate when it is
+        over `OOD_RATE_WARNING_FACTOR` times the nominal one ('' otherwise).
+    """
+    from scipy.stats import binomtest
+
+    reasons = [fit_reason] if fit_reason else []
+    warning = ""
+    nominal = 1 - (percentile if percentile is not None else 95.0) / 100
+    rate, n = ood.get("ood_rate"), int(ood.get("ood_n_in", 0))
+    if rate is not None and rate > OOD_RATE_WARNING_FACTOR * nominal:
+        warning = (f"it refuses {rate:.0%} of the test part's images, over "
+                   f"{OOD_RATE_WARNING_FACTOR:g} times its nominal {nominal:.0%}")
+        if n and binomtest(round(rate * n), n, nominal, alternative="greater").pvalue \
+                < OOD_UNUSABLE_P:
+            reasons.append(warning)
+    p_value = ood.get("ood_auroc_p_value")
+    if p_value is not None and p_value >= OOD_UNUSABLE_P:
+        reasons.append(f"it does not tell non-dermatoscopic photos from the test part's "
+                       f"images (AUROC {ood['ood_auroc']:.2f}, no better than chance: "
+                       f"p = {p_value:.2g})")
+    return (GATE_UNUSABLE if reasons else GATE_USABLE), "; ".join(reasons), warning
 
 
 def _evaluate_gate(model_dir: Path, gate: OodGate, threshold: float, features: np.ndarray,
@@ -950,14 +1080,27 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     ood_files: list[Path] = []
     from skinsense.export import weights_sha256
 
-    gate, gate_note = load_gate(model_dir, weights_sha256=weights_sha256(model_dir))
+    try:
+        gate, gate_note = load_gate(model_dir, weights_sha256=weights_sha256(model_dir))
+    except GateDamagedError as exc:
+        log.warning("%s: its out-of-domain gate is not evaluated: %s", model_dir, exc)
+        gate, gate_note = None, str(exc)
     if gate is not None and card.ood_threshold is not None and gate_reference:
         ood, ood_files = _evaluate_gate(model_dir, gate, card.ood_threshold, features,
                                         served, out_dir, card.arch, batch_size)
         metrics |= ood
     elif gate is not None and card.ood_threshold is not None:
-        ood = {"ood_rate": float((gate.scores(features) > card.ood_threshold).mean())}
+        ood = {"ood_rate": float((gate.scores(features) > card.ood_threshold).mean()),
+               "ood_n_in": float(len(features))}
         metrics |= ood
+    gate_status = gate_reason = gate_warning = ""
+    if ood:
+        gate_status, gate_reason, gate_warning = judge_gate(
+            ood, card.ood_percentile, fit_reason=gate.unusable_reason)
+        if gate_warning:
+            log.warning("%s (%s): the out-of-domain gate %s%s", card.arch, model_dir,
+                        gate_warning, "" if gate_status == GATE_USABLE else
+                        "; it is unusable, and the app serves this model without it")
 
     subgroup_files: list[Path] = []
     subgroup_gaps: dict[str, Any] = {}
@@ -983,6 +1126,7 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                          "nll": metrics["nll"], "argmax_metrics_unchanged": argmax_unchanged},
          "referral": referral, "subgroup_gaps": subgroup_gaps, "efficiency": measured,
          "ood_gate": {"threshold": card.ood_threshold, "percentile": card.ood_percentile,
+                      "status": gate_status, "reason": gate_reason, "warning": gate_warning,
                       **ood} if gate is not None else {"absent": gate_note}}),
         indent=2, allow_nan=False))
     report_txt = out_dir / "classification_report.txt"
@@ -1007,4 +1151,5 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                       report_json=report_json, n_images=len(y_true), artifacts=artifacts,
                       efficiency=measured, tta=tta, temperature=card.temperature,
                       referral=_json_safe(referral), subgroup_files=subgroup_files,
-                      subgroup_gaps=subgroup_gaps, ood=ood)
+                      subgroup_gaps=subgroup_gaps, ood=ood, gate_status=gate_status,
+                      gate_reason=gate_reason, gate_warning=gate_warning)

@@ -71,13 +71,31 @@ class ModelCard(BaseModel):
         "is (95: about 5% of in-domain images are refused).")
     ood_gate: dict[str, Any] = Field(
         default_factory=dict, description="How the gate was fitted (images, feature size, "
-        "Ledoit-Wolf shrinkage) and what it scored at evaluation.")
+        "Ledoit-Wolf shrinkage), what it scored at evaluation, and whether it can judge: "
+        "`status` 'usable' or 'unusable' (then the app serves without it) with the `reason`.")
+    calibration: dict[str, Any] = Field(
+        default_factory=dict, description="What the temperature did on the test part: "
+        "`temperature`, `fitted_on`, test ECE and NLL before and after, `helped` (it lowered "
+        "the test NLL) and `summary` in words. Empty on a card from before it was recorded.")
 
     @property
     def calibrated(self) -> bool:
-        """A temperature was fitted: its probabilities are calibrated (a fitted temperature is
-        never exactly 1; a card from before calibration has 1)."""
-        return self.temperature != 1.0
+        """A temperature was fitted and it helped: its probabilities may be called calibrated.
+
+        A fitted temperature is never exactly 1 (a card from before calibration has 1); a
+        temperature that did not lower the test part's NLL (`calibration['helped']` False)
+        was fitted, but its probabilities are not called calibrated.
+        """
+        return self.temperature != 1.0 and self.calibration.get("helped") is not False
+
+    def calibration_text(self) -> str:
+        """What was done to the probabilities, in words for the app and the registry."""
+        if self.calibrated:
+            return f"probabilities calibrated (temperature {self.temperature:.2f})"
+        if self.temperature != 1.0 and self.calibration.get("summary"):
+            return (f"probabilities not calibrated: {self.calibration['summary']}, so the "
+                    f"temperature did not help")
+        return "probabilities not calibrated"
 
     @field_validator("metrics", mode="before")
     @classmethod

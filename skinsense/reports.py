@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc", "mel_sensitivity",
             "mel_specificity", "ece", "referral_sensitivity", "referral_specificity",
-            "ood_auroc", "ood_fpr_at_95_tpr")
+            "ood_auroc", "ood_fpr_at_95_tpr", "ood_rate")
 
 
 def data_summary_rows(split: SplitData, oversampled: OversampledData) -> list[dict]:
@@ -39,18 +39,32 @@ def data_summary_rows(split: SplitData, oversampled: OversampledData) -> list[di
 
 
 def metrics_markdown(rows: list[dict]) -> str:
-    """A markdown table of each architecture's test metrics, with a link to its MLflow run.
+    """A markdown table of each architecture's test metrics, with a link to its MLflow run,
+    and below it a warning for each out-of-domain gate that cannot judge or refuses too much.
 
     Args:
-        rows: {"arch", "run_link", "metrics": {...}} per architecture.
+        rows: {"arch", "run_link", "metrics": {...}, "gate": text} per architecture (`gate`:
+            `evaluation.gate_summary_text`, optional).
     """
-    header = "| architecture | " + " | ".join(HEADLINE) + " | MLflow run |"
-    lines = [header, "|" + " --- |" * (len(HEADLINE) + 2)]
+    header = ("| architecture | " + " | ".join(HEADLINE)
+              + " | out-of-domain gate | MLflow run |")
+    lines = [header, "|" + " --- |" * (len(HEADLINE) + 3)]
+    warnings = []
     for row in rows:
         cells = [_fmt(row["metrics"].get(name)) for name in HEADLINE]
         link = row["run_link"]
         link_cell = f"[run]({link})" if link.startswith("http") else link
-        lines.append(f"| {row['arch']} | " + " | ".join(cells) + f" | {link_cell} |")
+        gate = row.get("gate") or "n/a"
+        lines.append(f"| {row['arch']} | " + " | ".join(cells)
+                     + f" | {gate.replace('|', '/')} | {link_cell} |")
+        if gate.startswith("UNUSABLE"):
+            warnings.append(f"- **{row['arch']}: the out-of-domain gate is unusable**, and the "
+                            f"app serves this model without it: {gate.split(': ', 1)[1]}")
+        elif "warning: " in gate:
+            warnings.append(f"- **{row['arch']}**: the out-of-domain gate "
+                            f"{gate.split('warning: ', 1)[1]}")
+    if warnings:
+        lines += ["", "**Warnings**", "", *warnings]
     return "\n".join(lines)
 
 
@@ -84,6 +98,11 @@ def subgroups_markdown(arch: str, evaluation: EvalResult) -> str:
             f"photos (max-softmax baseline {_fmt(ood.get('ood_auroc_max_softmax'))}), "
             f"{_fmt(ood['ood_reference_refused'])} of them refused, "
             f"{_fmt(ood['ood_rate'])} of the test images refused.")
+    if evaluation.gate_status == "unusable":
+        lines.append(f"**The out-of-domain gate is unusable**, and the app serves this model "
+                     f"without it: {evaluation.gate_reason}.")
+    elif evaluation.gate_warning:
+        lines.append(f"**Warning:** the out-of-domain gate {evaluation.gate_warning}.")
     table = next((p for p in evaluation.subgroup_files if p.suffix == ".md"), None)
     if table is None or not table.is_file():
         lines += ["", "No subgroup table: the test part's metadata was not available."]

@@ -179,7 +179,7 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     plots and reports to the arch's run and the figures to its model card."""
     from skinsense import tracking
     from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
+    from skinsense.evaluation import calibrate_model_dir, calibration_outcome, evaluate_model_dir
     from skinsense.packaging import load_card, save_card
     from skinsense.trust.referral import describe_rule
 
@@ -208,8 +208,13 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     card.subgroups = {"gaps": result.subgroup_gaps, "min_images": cfg.subgroup_min_images,
                       "resampled_by": "lesion", **intervals,
                       "table": "subgroups/subgroup_metrics.csv (MLflow run artifact)"}
+    card.calibration = calibration_outcome(card.temperature, calibration.n_images,
+                                           result.metrics)
     if result.ood:
-        card.ood_gate = card.ood_gate | {"test": result.ood}
+        # The held-out verdict (`judge_gate`) replaces the fit's: it includes the fit's reason.
+        card.ood_gate = card.ood_gate | {"test": result.ood, "status": result.gate_status,
+                                         "reason": result.gate_reason,
+                                         "warning": result.gate_warning}
     save_card(card, model_dir)
     tracking.log_metrics(run_id, result.metrics, prefix="test_")
     tracking.log_metrics(run_id, result.efficiency)
@@ -247,12 +252,13 @@ def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Ho
 
 
 def candidate_rows(candidates: list[Candidate], home: Home) -> list[dict]:
-    """Per architecture: its test metrics and a link to its MLflow run."""
+    """Per architecture: its test metrics, its gate in words and a link to its MLflow run."""
     from skinsense import tracking
+    from skinsense.evaluation import gate_summary_text
 
     tracking.configure(home)
-    return [{"arch": c.arch, "run_link": tracking.run_url(c.run_id), "metrics": c.test_metrics}
-            for c in candidates]
+    return [{"arch": c.arch, "run_link": tracking.run_url(c.run_id), "metrics": c.test_metrics,
+             "gate": gate_summary_text(c.evaluation)} for c in candidates]
 
 
 def select_best(candidates: list[Candidate], metric: str) -> Candidate:

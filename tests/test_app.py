@@ -118,11 +118,12 @@ def exported_template(tmp_path_factory) -> Path:
 
 
 def register_version(store: Store, template: Path, *, broken: bool = False,
-                     champion: bool = True) -> str:
+                     champion: bool = True, damaged_gate: bool = False) -> str:
     """Register a copy of `template` (and make it the champion); returns its version.
 
     `broken` registers a folder whose weights and ONNX file are corrupt, as a damaged
     artifact store would hand out: it registers fine and fails when the app loads it.
+    `damaged_gate` truncates only its out-of-domain gate file.
     """
     client = MlflowClient()
     run_id = client.create_run(store.experiment_id).info.run_id
@@ -131,6 +132,8 @@ def register_version(store: Store, template: Path, *, broken: bool = False,
     if broken:
         for name in (WEIGHTS_FILE, ONNX_FILE):
             (model_dir / name).write_bytes(b"corrupt" * 100)
+    if damaged_gate:
+        truncate_gate(model_dir)
     with pytest.MonkeyPatch.context() as patch:
         # The template is exported and checked already; raising=False keeps these tests
         # working (only slower) should the registry rename its helpers.
@@ -143,6 +146,14 @@ def register_version(store: Store, template: Path, *, broken: bool = False,
     if champion:
         client.set_registered_model_alias(MODEL_NAME, registry.CHAMPION, version)
     return version
+
+
+def truncate_gate(model_dir: Path) -> None:
+    """Cut the folder's ood_gate.safetensors short, as an interrupted copy would."""
+    from skinsense.trust.gate import GATE_FILE
+
+    gate = model_dir / GATE_FILE
+    gate.write_bytes(gate.read_bytes()[:200])
 
 
 def free_tcp_port() -> int:
@@ -280,15 +291,19 @@ def bad_inputs() -> dict[str, tuple[bytes, str | None]]:
 BAD_INPUTS = bad_inputs()
 
 
-def test_a_real_sample_is_classified(client):
-    from skinsense.labels import CLASS_CODES
+def test_a_real_sample_is_classified(client, template):
     from skinsense.serving.app import label_text
+    from skinsense.serving.predictor import Predictor
 
     # An old-style call: the same input, the same two outputs.
     label, details = classify(client, example_images()[0])
-    assert label["label"] in {label_text(code) for code in CLASS_CODES}
-    assert len(label["confidences"]) == 3
-    assert sum(c["confidence"] for c in label["confidences"]) <= 1.0 + 1e-6
+    # The served version is a copy of the template: its top 3 are the predictor's, in order.
+    expected = Predictor.from_model_dir(template).classify(example_images()[0])
+    top3 = sorted(expected.items(), key=lambda kv: kv[1], reverse=True)[:3]
+    assert [c["label"] for c in label["confidences"]] == [label_text(k) for k, _ in top3]
+    assert [c["confidence"] for c in label["confidences"]] == pytest.approx(
+        [p for _, p in top3], abs=1e-5)
+    assert label["label"] == label_text(top3[0][0])
     assert "Answered by model version" in details
     assert details.count("\n- ") == 2  # three described classes
     assert "Higher risk" in details or "Lower risk" in details  # the referral rule's verdict
@@ -425,13 +440,18 @@ def test_a_model_without_a_gate_still_serves_and_says_so(tmp_path):
 
 
 def test_the_app_binds_loopback_only(app):
+    """The app's process listens on its port at 127.0.0.1 only (read from the kernel's
+    socket table, so the check holds on a machine whose name resolves to loopback too)."""
+    import psutil
+
     port = int(app.rsplit(":", 1)[1])
-    addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
-                                                           socket.AF_INET)}
-    for address in addresses - {"127.0.0.1", "127.0.1.1"}:
-        with socket.socket() as s, pytest.raises(OSError):
-            s.settimeout(1)
-            s.connect((address, port))
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening, f"nothing listens on port {port}"
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+    owners = {c.pid for c in listening}
+    assert len(owners) == 1 and None not in owners
+    assert "serve" in psutil.Process(owners.pop()).cmdline()
 
 
 # -- reload -------------------------------------------------------------------------------
@@ -486,6 +506,107 @@ def test_a_broken_champion_is_not_served_and_health_says_so(app, store, template
     state = wait_for(lambda: (s := health(app)) and s["version"] == good and s,
                      what=f"version {good}")
     assert state["reload_error"] is None
+
+
+def test_a_champion_with_a_damaged_gate_is_not_served_and_health_says_so(app, store,
+                                                                        template):
+    """Hot reload: a new version whose gate file is truncated would serve images unchecked;
+    the app keeps the version it has and says why in /health. The MLflow pyfunc of the same
+    version refuses to answer rather than pass images unchecked."""
+    import mlflow
+
+    served = health(app)["version"]
+    damaged = register_version(store, template, damaged_gate=True)
+    state = wait_for(lambda: (s := health(app)) and s["reload_error"] and s,
+                     what="reload_error on /health")
+    assert state["version"] == served and state["ood_gate"]["status"] == "on"
+    assert f"version {damaged} failed to load" in state["reload_error"]
+    assert "out-of-domain gate is damaged" in state["reload_error"]
+    assert "ood_gate.safetensors could not be read" in state["reload_error"]
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{damaged}")
+    with pytest.raises(Exception, match="out-of-domain gate is damaged"):
+        model.predict(pd_frame([example_images()[0].read_bytes()]))
+    good = register_version(store, template)
+    state = wait_for(lambda: (s := health(app)) and s["version"] == good and s,
+                     what=f"version {good}")
+    assert state["reload_error"] is None
+
+
+def pd_frame(images: list[bytes]):
+    import pandas as pd
+
+    return pd.DataFrame({"image": images})
+
+
+def page_markdown(url: str, elem_id: str) -> str:
+    """The value of the page's markdown component `elem_id` as Gradio serves it."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/config", timeout=30) as response:
+        config = json.load(response)
+    for component in config["components"]:
+        if component.get("props", {}).get("elem_id") == elem_id:
+            return str(component["props"].get("value") or "")
+    raise AssertionError(f"no component {elem_id} on the page")
+
+
+@pytest.mark.slow
+def test_a_model_with_a_damaged_gate_serves_at_a_cold_start_and_says_so(template, tmp_path):
+    """No version to keep at a cold start: the model serves, and the page, every answer and
+    /health say that its gate is damaged (not 'absent', as for a model from before it)."""
+    from gradio_client import Client
+
+    model_dir = tmp_path / "damaged"
+    shutil.copytree(template, model_dir)
+    truncate_gate(model_dir)
+    with running_app(str(model_dir), tmp_path / "app.log") as url:
+        state = health(url)
+        assert state["ood_gate"]["status"] == "damaged" and state["ood_threshold"] is None
+        assert "could not be read" in state["ood_gate"]["note"]
+        warning = page_markdown(url, "gate-warning")
+        assert "Out-of-domain check damaged" in warning and "could not be read" in warning
+        assert "out-of-domain gate DAMAGED" in page_markdown(url, "model-footer")
+        client = Client(url, verbose=False)
+        answer = assess(client, non_dermatoscopic_photo(tmp_path))
+        assert answer["answered"] is True and answer["gate"]["status"] == "damaged"
+        assert answer["gate"]["in_domain"] is None
+        _, details = classify(client, example_images()[0])
+        assert "out-of-domain check is damaged" in details
+    # The MLflow pyfunc on the same folder answers nothing, saying why.
+    from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
+
+    pyfunc = SkinSensePyfunc()
+    pyfunc.load_context(type("Context", (), {"artifacts": {MODEL_DIR_ARTIFACT: str(model_dir)}}))
+    with pytest.raises(Exception, match="out-of-domain gate is damaged"):
+        pyfunc.predict(None, pd_frame([example_images()[0].read_bytes()]))
+
+
+@pytest.mark.slow
+def test_a_model_whose_gate_is_unusable_serves_without_it_and_says_so(template, tmp_path):
+    """The evaluation found the gate cannot judge (the card's ood_gate.status): the app
+    serves the model without it, and the page, the answers and /health say so and why."""
+    from gradio_client import Client
+
+    from skinsense.packaging import load_card, save_card
+
+    model_dir = tmp_path / "unusable"
+    shutil.copytree(template, model_dir)
+    card = load_card(model_dir)
+    reason = ("it does not tell non-dermatoscopic photos from the test part's images "
+              "(AUROC 0.51, no better than chance: p = 0.45)")
+    card.ood_gate = card.ood_gate | {"status": "unusable", "reason": reason}
+    save_card(card, model_dir)
+    with running_app(str(model_dir), tmp_path / "app.log") as url:
+        state = health(url)
+        assert state["ood_gate"]["status"] == "unusable" and reason in state["ood_gate"]["note"]
+        assert "Out-of-domain check off for this model" in page_markdown(url, "gate-warning")
+        assert reason in page_markdown(url, "gate-warning")
+        client = Client(url, verbose=False)
+        # The cat the gate would refuse is answered, with the warning.
+        answer = assess(client, non_dermatoscopic_photo(tmp_path))
+        assert answer["answered"] is True and answer["gate"]["status"] == "unusable"
+        _, details = classify(client, non_dermatoscopic_photo(tmp_path))
+        assert "out-of-domain check is switched off" in details and reason in details
 
 
 @pytest.mark.slow

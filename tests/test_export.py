@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import random_models
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -17,21 +18,8 @@ SIZE = 64
 
 
 def calibrated_model(arch: str) -> torch.nn.Module:
-    """A random-weight model whose output depends on its input.
-
-    Freshly initialised EfficientNets shrink activations to ~1e-14 by the last stage, so
-    every input gives the same logits and any export would "agree". Batch-norm statistics
-    taken from one random batch keep each layer at unit scale, as trained weights do.
-    """
-    model = build_model(arch, image_size=SIZE)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 3, SIZE, SIZE))
-    return model.eval()
+    """A random-weight model whose output depends on its input (`random_models`)."""
+    return random_models.calibrated_model(arch, SIZE)
 
 
 @pytest.fixture(scope="module", params=["resnet18", "efficientnet_b0"])

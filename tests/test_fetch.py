@@ -84,9 +84,13 @@ def test_full_download(server: FakeDataverse, files: list[FakeFile], tmp_path: P
 
 
 def test_listing_with_md5_field(files: list[FakeFile], tmp_path: Path) -> None:
-    # Older Dataverse versions list `md5` instead of `checksum: {type, value}`.
-    with FakeDataverse(files, checksum_style="md5") as server:
+    # Older Dataverse versions list `md5` instead of `checksum: {type, value}`; the listed
+    # MD5 is still checked: a download with the wrong bytes is fetched again.
+    faults = Faults()
+    faults.corrupt_once.add(PART_1)
+    with FakeDataverse(files, checksum_style="md5", faults=faults) as server:
         paths = client_for(server).fetch(DOI, HAM10000_FILES, tmp_path)
+        assert len(server.file_requests(PART_1)) == 2
     assert_all_downloaded(paths, files)
 
 
@@ -182,6 +186,9 @@ def test_read_timeout_is_retried(server: FakeDataverse, faults: Faults, files: l
     paths = client_for(server).fetch(DOI, HAM10000_FILES, tmp_path)
 
     assert_all_downloaded(paths, files)
+    # The stalled answer was given up on and asked for again (without a read timeout the
+    # client would have waited out the stall and fetched the file once).
+    assert len(server.file_requests(PART_1)) == 2
 
 
 def test_redirect_to_object_storage(server: FakeDataverse, faults: Faults,

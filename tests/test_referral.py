@@ -99,7 +99,30 @@ def test_the_test_report_counts_and_intervals():
     assert report["referral_rate"] == pytest.approx(4 / 8)
     assert report["n_malignant"] == 4 and report["n_benign"] == 4 and report["n_lesions"] == 7
     assert report["resampled_by"] == "lesion"
-    assert 0 <= report["sensitivity_ci_low"] <= 0.75 <= report["sensitivity_ci_high"] <= 1
+    # The intervals are the lesion bootstrap's percentiles at the same seed, resampled
+    # here the slow way (draw lesions as LesionBootstrap draws them, take their images), on
+    # a part big enough for them to lie strictly inside [0, 1].
+    rng = np.random.default_rng(5)
+    many_y = rng.choice([MEL, BCC, AKIEC, NV, NV, BKL], size=90)
+    many_lesions = np.array([f"L{i}" for i in rng.integers(0, 60, size=90)])
+    many_scores = np.where(is_malignant(many_y), rng.uniform(0.2, 1, 90), rng.uniform(0, 0.6, 90))
+    big = referral_report(many_y, probabilities_with_score(many_scores), 0.4,
+                          lesion_ids=many_lesions, n_resamples=300, seed=3)
+    unique_lesions = np.unique(many_lesions)
+    draws = np.random.default_rng(3).integers(0, len(unique_lesions),
+                                              size=(300, len(unique_lesions)))
+    malignant, referred = is_malignant(many_y), many_scores >= 0.4
+    for name, positives, hits in (("sensitivity", malignant, referred),
+                                  ("specificity", ~malignant, ~referred)):
+        values = []
+        for draw in draws:
+            images = np.concatenate([np.flatnonzero(many_lesions == unique_lesions[k])
+                                     for k in draw])
+            values.append((hits & positives)[images].sum() / positives[images].sum())
+        low, high = np.percentile(values, [2.5, 97.5])
+        assert big[f"{name}_ci_low"] == pytest.approx(low, abs=1e-12)
+        assert big[f"{name}_ci_high"] == pytest.approx(high, abs=1e-12)
+        assert 0 < low < big[name] < high < 1
     metrics = referral_metrics(report)
     assert set(metrics) == {"referral_sensitivity", "referral_sensitivity_ci_low",
                             "referral_sensitivity_ci_high", "referral_specificity",

@@ -422,6 +422,44 @@ def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
     assert "ood_auroc" not in out.split("calibration, referral")[0]  # not in the first table
 
 
+@pytest.mark.slow
+def test_registry_show_says_what_a_useless_temperature_did_and_that_a_gate_is_unusable(
+        tmp_path, store, capsys, monkeypatch):
+    """The README demo's champion: T = 1.03 made the test ECE and NLL worse; and a gate the
+    evaluation found unusable. `registry show` says what was fitted and what it did, and
+    that the model is served without its gate; neither is called calibrated or on."""
+    from skinsense.cli import main
+    from skinsense.evaluation import calibration_outcome
+    from skinsense.packaging import load_card, save_card
+
+    model_dir, run_id = candidate(tmp_path, "useless", store)
+    card = load_card(model_dir)
+    card.temperature = 1.03
+    card.metrics = {"test_ece": 0.112, "test_ece_uncalibrated": 0.096, "test_nll": 0.742,
+                    "test_nll_uncalibrated": 0.739, "test_ood_auroc": 0.506,
+                    "test_ood_rate": 0.33}
+    card.calibration = calibration_outcome(1.03, 150, {
+        "ece": 0.112, "ece_uncalibrated": 0.096, "nll": 0.742, "nll_uncalibrated": 0.739})
+    assert card.calibration["helped"] is False and not card.calibrated
+    card.ood_threshold, card.ood_percentile = 39.19, 95.0
+    reason = "it refuses 33% of the test part's images, over 2 times its nominal 5%"
+    card.ood_gate = {"status": "unusable", "reason": reason}
+    save_card(card, model_dir)
+    version = registry.register_candidate(model_dir, run_id=run_id, model_name="skin",
+                                          metric="balanced_accuracy", score=0.7, tags={})
+    tags = MlflowClient().get_model_version("skin", version).tags
+    assert tags["calibration_helped"] == "false" and tags["ood_gate_status"] == "unusable"
+    row = registry.show("skin")[-1]
+    assert row["ood_gate_reason"] == reason and row["calibration_helped"] == "false"
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["registry", "show", "--name", "skin"]) == 0
+    out = capsys.readouterr().out
+    assert ("temperature 1.03 fitted on validation (150 images); test ECE 0.096 -> 0.112, "
+            "NLL 0.739 -> 0.742: did not help, not called calibrated") in out
+    assert f"UNUSABLE, served without it: {reason}" in out
+    assert "T=1.0300" not in out and "score<=39.19" not in out
+
+
 def test_an_unreadable_registry_is_not_taken_for_no_champion(store, monkeypatch):
     """A refused login or a server error must not look like "no champion yet" (a new
     version would then be promoted over a champion that was only unreadable)."""

@@ -81,3 +81,24 @@ def test_a_manifest_is_logged_as_a_local_dataset_without_a_guess(tmp_path, home)
     assert logged.dataset.source_type == "local"
     assert str(manifest) in logged.dataset.source
     assert logged.dataset.digest == "f" * 36
+
+
+def test_select_best_takes_the_highest_score_and_the_first_listed_on_a_tie(tmp_path):
+    """The fan-out test's "the parent registered the best" check says nothing when both
+    children score the same; here the choice is checked with hand-made candidates."""
+    from skinsense.evaluation import EvalResult
+
+    def candidate(arch: str, score: float, other: float) -> stages.Candidate:
+        metrics = {"balanced_accuracy": score, "macro_f1": other}
+        evaluation = EvalResult(arch=arch, model_dir=tmp_path / arch, metrics=metrics,
+                                report_json=tmp_path / arch / "evaluation.json", n_images=10)
+        return stages.Candidate(arch=arch, model_dir=tmp_path / arch, run_id=f"run-{arch}",
+                                image_size=32, test_metrics=metrics, evaluation=evaluation)
+
+    a, b, c = candidate("a", 0.61, 0.9), candidate("b", 0.72, 0.1), candidate("c", 0.72, 0.5)
+    assert stages.select_best([a, b, c], "balanced_accuracy") is b   # tie: first listed
+    assert stages.select_best([a, c, b], "balanced_accuracy") is c
+    assert stages.select_best([a, b, c], "macro_f1") is a             # the metric asked for
+    assert stages.select_best([a], "balanced_accuracy") is a
+    with pytest.raises(ValueError, match="no trained candidates"):
+        stages.select_best([], "balanced_accuracy")

@@ -122,19 +122,29 @@ CARD_METRIC_TAGS = ("test_ece", "test_ece_uncalibrated", "test_nll", "test_nll_u
 def card_tags(card: ModelCard) -> dict[str, str]:
     """Calibration, referral and subgroup figures of a model card, as version tags.
 
-    `temperature`, `referral_threshold`, `referral_sensitivity_target`, `ood_threshold`
-    and `ood_percentile` (when the model has a gate), the card's `CARD_METRIC_TAGS` and
+    `temperature`, `calibration` (what the temperature did on the test part, in words, and
+    `calibration_helped`), `referral_threshold`, `referral_sensitivity_target`,
+    `ood_threshold`, `ood_percentile`, `ood_gate_status` and `ood_gate_reason` (when the
+    model has a gate; the status 'unusable' means it is served without it), the card's
+    `CARD_METRIC_TAGS` and
     `test_gap_*` metrics (numbers, as text), and
     `test_referral_sensitivity_ci` / `test_referral_specificity_ci` ("[low, high]").
     Undefined (NaN) figures are left out.
     """
     tags = {"temperature": repr(float(card.temperature))}
+    if card.calibration.get("summary"):
+        tags["calibration"] = card.calibration["summary"]
+        tags["calibration_helped"] = str(bool(card.calibration.get("helped"))).lower()
     if card.referral_threshold is not None:
         tags["referral_threshold"] = repr(float(card.referral_threshold))
         tags["referral_sensitivity_target"] = repr(float(card.referral_sensitivity_target or 0))
     if card.ood_threshold is not None:
         tags["ood_threshold"] = repr(float(card.ood_threshold))
         tags["ood_percentile"] = repr(float(card.ood_percentile or 0))
+        if card.ood_gate.get("status"):
+            tags["ood_gate_status"] = str(card.ood_gate["status"])
+            # MLflow keeps tag values up to 5,000 characters.
+            tags["ood_gate_reason"] = str(card.ood_gate.get("reason") or "")[:1000]
     for key, value in card.metrics.items():
         if (key in CARD_METRIC_TAGS or key.startswith("test_gap_")) and math.isfinite(value):
             tags[key] = repr(float(value))
@@ -240,8 +250,10 @@ def show(model_name: str) -> list[dict[str, Any]]:
         {'test_balanced_accuracy': '0.61', 'test_referral_sensitivity': '0.95',
         'test_referral_sensitivity_ci': '[0.91, 0.98]', 'test_gap_balanced_accuracy_sex':
         '0.03'}), temperature, referral_threshold, referral_sensitivity_target (None for a
-        version registered before calibration), ood_threshold, ood_percentile (None for a
-        version without the out-of-domain gate), dataset_fingerprint, promotion_decision,
+        version registered before calibration), calibration and calibration_helped (what the
+        temperature did on the test part; None before they were recorded), ood_threshold,
+        ood_percentile, ood_gate_status, ood_gate_reason (None for a version without the
+        out-of-domain gate), dataset_fingerprint, promotion_decision,
         previous_champion, promoted_at, rollback, run_id, created (ISO time).
 
     Raises:
@@ -270,6 +282,10 @@ def show(model_name: str) -> list[dict[str, Any]]:
             "referral_sensitivity_target": tags.get("referral_sensitivity_target"),
             "ood_threshold": tags.get("ood_threshold"),
             "ood_percentile": tags.get("ood_percentile"),
+            "ood_gate_status": tags.get("ood_gate_status"),
+            "ood_gate_reason": tags.get("ood_gate_reason"),
+            "calibration": tags.get("calibration"),
+            "calibration_helped": tags.get("calibration_helped"),
             "dataset_fingerprint": tags.get("dataset_fingerprint"),
             "promotion_decision": tags.get(DECISION_TAG),
             "previous_champion": tags.get(PREVIOUS_TAG),

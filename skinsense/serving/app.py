@@ -11,7 +11,9 @@ image of a skin lesion, and its class list only behind "Show anyway", marked unr
 An image in domain gets the top 3 classes with calibrated probabilities and a referral
 banner from the model's referral rule. "Explain" draws a Grad-CAM overlay of the top class
 on request. A model without a gate (an older version) is served as before, with a note
-that the image's domain is unchecked.
+that the image's domain is unchecked; so is a model whose gate the evaluation found unusable
+(`ood_gate.status` in its card) or whose gate file is damaged, each with its own note on
+every answer and a warning at the top of the page.
 
 Routes: `/` the UI; `/gradio_api/...` its API for gradio_client: `/classify` (as before:
 the top-3 label and the description; an image refused by a quality check or the gate is an
@@ -72,6 +74,13 @@ LOWER_RISK = ("Lower risk: no sign of the malignant classes this model knows; se
 NO_GATE = ("This model has no out-of-domain check (it was trained before SkinSense had one), "
            "so the app cannot tell whether this is a dermatoscopic image: make sure it is one "
            "before reading anything into the answer.")
+GATE_UNUSABLE = ("This model's out-of-domain check is switched off: its evaluation found that "
+                 "it cannot tell dermatoscopic images from other pictures ({note}). The app "
+                 "cannot tell whether this is a dermatoscopic image: make sure it is one before "
+                 "reading anything into the answer.")
+GATE_DAMAGED = ("This model's out-of-domain check is damaged ({note}), so the app cannot tell "
+                "whether this is a dermatoscopic image: make sure it is one before reading "
+                "anything into the answer, and tell whoever runs this app.")
 CSS = """
 #model-footer { font-size: 0.85em; opacity: 0.8; }
 #disclaimer { border-left: 4px solid #d97706; padding-left: 0.75em; }
@@ -105,16 +114,39 @@ def describe_top(probabilities: dict[str, float], k: int = 3) -> str:
     return "\n".join(lines)
 
 
+def unchecked_note(status: str, note: str) -> str:
+    """Why the image's domain was not checked, for a gate status other than 'on' and 'off'
+    ('' for those two)."""
+    if status == "absent":
+        return NO_GATE
+    if status == "unusable":
+        return GATE_UNUSABLE.format(note=note.split(": ", 1)[-1])
+    if status == "damaged":
+        return GATE_DAMAGED.format(note=note)
+    return ""
+
+
+def gate_warning(model: LoadedModel) -> str:
+    """The page's warning at the top when the served model's gate is unusable or damaged."""
+    predictor = model.predictor
+    if predictor.gate_status not in ("unusable", "damaged"):
+        return ""
+    title = ("Out-of-domain check damaged." if predictor.gate_status == "damaged" else
+             "Out-of-domain check off for this model.")
+    return verdict_html("ood", title, unchecked_note(predictor.gate_status, predictor.gate_note))
+
+
 def footer_text(model: LoadedModel) -> str:
     """One line from the model card: version, architecture, test score, calibration, date."""
     card = model.predictor.card
     version = f"version {model.version}" if model.version else f"from {Path(model.model_uri).name}/"
     score = card.metrics.get("test_balanced_accuracy")
     score_text = f"{score:.3f}" if score is not None else "n/a"
-    calibration = (f"probabilities calibrated (temperature {card.temperature:.2f})"
-                   if card.calibrated else "probabilities not calibrated")
-    gate = (f"out-of-domain gate on (threshold {card.ood_threshold:.1f})"
-            if model.predictor.gate is not None else "no out-of-domain gate")
+    calibration = card.calibration_text()
+    gate = {"on": f"out-of-domain gate on (threshold {card.ood_threshold or 0:.1f})",
+            "unusable": "out-of-domain gate off (unusable for this model)",
+            "damaged": "out-of-domain gate DAMAGED"}.get(model.predictor.gate_status,
+                                                         "no out-of-domain gate")
     return (f"Model: {model.model_name or 'skinsense'} {version} - {card.arch} at "
             f"{card.image_size} px - test balanced accuracy {score_text} - {calibration} - "
             f"{gate} - trained {card.trained_at[:10]} - runs on {model.predictor.backend}")
@@ -218,8 +250,9 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         text = describe_top(assessment.probabilities)
         text += likely_wrong_note(assessment.probabilities,
                                   calibrated=model.predictor.card.calibrated)
-        if gate_note and assessment.gate.status == "absent":
-            text += f"\n\n*{NO_GATE}*"
+        if gate_note and (unchecked := unchecked_note(assessment.gate.status,
+                                                      assessment.gate.note)):
+            text += f"\n\n*{unchecked}*"
         return text + answered_by(model)
 
     def classify(image: str | bytes | None) -> tuple[dict[str, float], str]:
@@ -264,9 +297,9 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
             return answer(verdict_html("ood", OUT_OF_DOMAIN, OUT_OF_DOMAIN_WHY),
                           anyway=shown, anyway_note=note)
         verdict = referral_banner(assessment)
-        if assessment.gate.status == "absent":
+        if unchecked := unchecked_note(assessment.gate.status, assessment.gate.note):
             # Said once, in the panel above the classes (the API says it in the details).
-            verdict += verdict_html("note", "No out-of-domain check.", NO_GATE)
+            verdict += verdict_html("note", "No out-of-domain check.", unchecked)
         return answer(verdict, shown, details_text(model, assessment, gate_note=False))
 
     def explain(image: str | bytes | None) -> tuple[Image.Image | None, str]:
@@ -304,6 +337,8 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
     with gr.Blocks(title="SkinSense") as blocks:
         gr.Markdown("# SkinSense: skin-lesion classifier")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        # Evaluated on every page load, like the footer.
+        gr.Markdown(lambda: gate_warning(holder.current), elem_id="gate-warning")
         with gr.Row():
             with gr.Column():
                 image = LesionImage(type="filepath", image_mode=None,
@@ -315,7 +350,7 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
                                                elem_id="explain")
             with gr.Column():
                 verdict = gr.Markdown(elem_id="verdict")
-                label = gr.Label(num_top_classes=3, label="Top 3 classes (calibrated)",
+                label = gr.Label(num_top_classes=3, label="Top 3 classes",
                                  elem_id="top3", visible=False)
                 details = gr.Markdown(elem_id="details")
                 with gr.Accordion("Show anyway (unreliable)", open=False, visible=False,

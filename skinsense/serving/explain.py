@@ -128,7 +128,7 @@ class GradCamExplainer:
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         model_image, issues = predictor.decode_checked(data, gate)
         if issues:
-            status = "off" if not gate else ("on" if predictor.gate else "absent")
+            status = predictor.served_gate_status(enabled=gate)
             return Explanation(None, None, None, None, GateResult(status), tuple(issues),
                                self.target_layer_path)
         batch = predictor.preprocess([model_image])

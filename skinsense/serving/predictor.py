@@ -43,7 +43,7 @@ from skinsense.export import (
     onnx_session,
     weights_sha256,
 )
-from skinsense.trust.gate import ABSENT, GATE_FILE, OodGate, load_gate
+from skinsense.trust.gate import ABSENT, GATE_FILE, GateDamagedError, OodGate, load_gate
 from skinsense.labels import CLASS_CODES
 from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
@@ -109,7 +109,9 @@ def open_image(data: bytes | str | Path | Image.Image | np.ndarray, *,
     return image
 
 
-GateStatus = Literal["on", "off", "absent"]
+GateStatus = Literal["on", "off", "absent", "unusable", "damaged"]
+# The card's `ood_gate.status` of a gate that cannot judge (`skinsense.evaluation.judge_gate`).
+UNUSABLE = "unusable"
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,12 @@ class GateResult:
     """The out-of-domain gate's verdict on one image.
 
     `status` 'on': the gate ran (`in_domain`, `score` and `threshold` are set); 'absent':
-    the model folder has no usable gate (a model from before SkinSense had one; `note` says
-    why) and nothing is known about the image's domain, which is not the same as "in domain";
-    'off': the app was configured without it (`ServeConfig.gate`).
+    the model folder has no gate (a model from before SkinSense had one); 'unusable': the
+    evaluation found that the gate cannot judge (the card's `ood_gate.status`), so the model
+    is served without it; 'damaged': the gate file is there but unreadable or stale. In
+    these three cases `note` says why and nothing is known about the image's domain, which
+    is not the same as "in domain". 'off': the app was configured without it
+    (`ServeConfig.gate`).
     """
 
     status: GateStatus
@@ -187,9 +192,10 @@ class Predictor:
     card: ModelCard
     source: str = ""
     session: Any | None = None
-    # The out-of-domain gate (None: the folder has none, `gate_note` says why).
+    # The out-of-domain gate (None: not used; `gate_status` says which case, `gate_note` why).
     gate: OodGate | None = None
     gate_note: str = ABSENT
+    gate_status: GateStatus = "absent"
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.session is None):
@@ -203,6 +209,13 @@ class Predictor:
         if self.gate is not None and self.card.ood_threshold is None:
             self.gate, self.gate_note = None, (f"{GATE_FILE} is there but the model card has "
                                                f"no ood_threshold")
+            self.gate_status = "damaged"
+        if self.gate is not None and self.card.ood_gate.get("status") == UNUSABLE:
+            self.gate, self.gate_status = None, UNUSABLE
+            self.gate_note = (f"the evaluation found this model's out-of-domain gate unusable: "
+                              f"{self.card.ood_gate.get('reason') or 'no reason recorded'}")
+        if self.gate is not None:
+            self.gate_status, self.gate_note = "on", ""
 
     @property
     def backend(self) -> str:
@@ -222,9 +235,12 @@ class Predictor:
         """
         model_dir = Path(model_dir)
         sha = weights_sha256(model_dir) if (model_dir / WEIGHTS_FILE).is_file() else None
-        gate, gate_note = load_gate(model_dir, weights_sha256=sha)
-        if gate_note not in ("", ABSENT):
-            log.warning("serving %s without its out-of-domain gate: %s", model_dir, gate_note)
+        gate_status: GateStatus = "absent"
+        try:
+            gate, gate_note = load_gate(model_dir, weights_sha256=sha)
+        except GateDamagedError as exc:
+            gate, gate_note, gate_status = None, str(exc), "damaged"
+            log.error("%s: its out-of-domain gate is damaged: %s", model_dir, exc)
         if backend != "torch":
             session, why_not = _onnx_session_for(model_dir, sha)
             if session is not None and gate is not None and not onnx_has_features(session):
@@ -234,13 +250,14 @@ class Predictor:
                 card = load_card(model_dir)
                 _check_classes(card, model_dir)
                 return cls(model=None, card=card, source=str(model_dir), session=session,
-                           gate=gate, gate_note=gate_note)
+                           gate=gate, gate_note=gate_note, gate_status=gate_status)
             if backend == "onnxruntime":
                 raise FileNotFoundError(f"cannot serve {model_dir} with ONNX Runtime: {why_not}")
             if why_not != "no model.onnx":
                 log.warning("serving %s with PyTorch: %s", model_dir, why_not)
         model, card = load_model_dir(model_dir)
-        return cls(model=model, card=card, source=str(model_dir), gate=gate, gate_note=gate_note)
+        return cls(model=model, card=card, source=str(model_dir), gate=gate, gate_note=gate_note,
+                   gate_status=gate_status)
 
     def pixels(self, images: list) -> np.ndarray:
         """uint8 (N, 3, H, W): decoded and resized exactly like the image cache does."""
@@ -290,10 +307,13 @@ class Predictor:
         """One image -> {class code: calibrated probability} (no quality checks, no gate)."""
         return dict(zip(CLASS_CODES, map(float, self.predict_proba([image])[0]), strict=True))
 
+    def served_gate_status(self, *, enabled: bool = True) -> GateStatus:
+        """'off' when the app runs without the gate, else `gate_status`."""
+        return "off" if not enabled else self.gate_status
+
     def gate_summary(self, *, enabled: bool = True) -> dict[str, Any]:
-        """The gate as /health reports it: status, threshold, percentile, why it is absent."""
-        status: GateStatus = "off" if not enabled else ("on" if self.gate else "absent")
-        return {"status": status,
+        """The gate as /health reports it: status, threshold, percentile, why it is not on."""
+        return {"status": self.served_gate_status(enabled=enabled),
                 "threshold": self.card.ood_threshold if self.gate else None,
                 "percentile": self.card.ood_percentile if self.gate else None,
                 "note": "" if self.gate else self.gate_note}
@@ -314,7 +334,7 @@ class Predictor:
         """`assess` for several images, with one forward pass for all that pass the checks."""
         decoded = [self.decode_checked(image, gate) for image in images]
         runnable = [i for i, (_, issues) in enumerate(decoded) if not issues]
-        status: GateStatus = "off" if not gate else ("on" if self.gate else "absent")
+        status = self.served_gate_status(enabled=gate)
         results: list[Assessment] = [
             Assessment(tuple(issues), GateResult(status, note="not scored: the image failed "
                                                               "a quality check"))
@@ -362,9 +382,10 @@ class Predictor:
         """The gate's verdict on each of `n` images from their penultimate features."""
         if not enabled:
             return [GateResult("off")] * n
-        if self.gate is None or features is None:
-            note = self.gate_note if self.gate is None else "the ONNX export has no features"
-            return [GateResult("absent", note=note)] * n
+        if self.gate is None:
+            return [GateResult(self.gate_status, note=self.gate_note)] * n
+        if features is None:
+            return [GateResult("absent", note="the ONNX export has no features")] * n
         threshold = float(self.card.ood_threshold)
         scores = self.gate.scores(features)
         return [GateResult("on", in_domain=bool(score <= threshold), score=float(score),

@@ -15,7 +15,9 @@ DataFrame with one row per image (`OUTPUT_COLUMNS`):
 - `quality_issue` (str): why the image was refused before the model ran ('' when it passed).
 
 Trust a row's probabilities only when `quality_issue` is '' and `in_domain` is True, as the
-app does. The model runs on ONNX Runtime when the registered folder holds `model.onnx`
+app does. A model whose gate file is damaged answers nothing: `predict` raises, saying so
+(a None `in_domain` would read as a model from before the gate); one whose gate the
+evaluation found unusable answers with `in_domain` None, as one without a gate. The model runs on ONNX Runtime when the registered folder holds `model.onnx`
 (every version registered by `skinsense.lifecycle.registry` does), else on PyTorch.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
+from skinsense.trust.gate import GateDamagedError
 from skinsense.labels import CLASS_CODES
 from skinsense.serving.predictor import Assessment, Predictor
 
@@ -55,6 +58,11 @@ class SkinSensePyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if self.predictor.gate_status == "damaged":
+            raise GateDamagedError(
+                f"this model's out-of-domain gate is damaged ({self.predictor.gate_note}); it "
+                f"answers nothing rather than pass images unchecked. Register the model again "
+                f"(evaluation refits the gate) or serve another version")
         if isinstance(model_input, pd.DataFrame):
             if "image" not in model_input.columns:
                 raise ValueError("input needs a column 'image' of image bytes or base64 text")

@@ -4,7 +4,9 @@
 builds the new `LoadedModel` completely (loaded and test-classified) and only then replaces
 that reference. Requests in flight finish on the model they started with, and a new model
 that fails to load or to classify is never served: the old one stays, and the failure is
-logged and shown by /health as `reload_error`.
+logged and shown by /health as `reload_error`. So is a new model whose out-of-domain gate
+file is damaged: at a reload the app keeps the version it has (at a cold start there is
+none to keep, and the page says the gate is damaged).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from skinsense.trust.gate import GateDamagedError
 from skinsense.serving.loading import (
     LoadedModel,
     ResolvedModel,
@@ -96,7 +99,7 @@ class ModelHolder:
                 # is not loaded again (seconds of CPU each) on every watcher tick.
                 return ReloadOutcome(False, served.version, self.reload_error)
             try:
-                loaded = self._load_checked(self.model_uri, target)
+                loaded = self._load_checked(self.model_uri, target, reloading=True)
             except Exception as exc:
                 self._failed_version = target.version
                 return self._fail(served, f"version {target.version or target.pinned_uri} "
@@ -114,8 +117,13 @@ class ModelHolder:
         log.error("reload failed: %s", self.reload_error)
         return ReloadOutcome(False, served.version, self.reload_error)
 
-    def _load_checked(self, model_uri: str, target: ResolvedModel) -> LoadedModel:
+    def _load_checked(self, model_uri: str, target: ResolvedModel, *,
+                      reloading: bool = False) -> LoadedModel:
         loaded = self._load(model_uri, target)
+        if reloading and loaded.predictor.gate_status == "damaged":
+            # Serving it would drop the out-of-domain check that the served version has.
+            raise GateDamagedError(f"its out-of-domain gate is damaged: "
+                                   f"{loaded.predictor.gate_note}")
         if self._smoke_image is not None:
             # A model that loads but cannot classify (wrong input size, broken export) must
             # not replace one that can.

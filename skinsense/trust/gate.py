@@ -16,11 +16,26 @@ probability: AUROC about 0.96 against 0.63, Anthony and Kamnitsas 2024):
 - the threshold is the `percentile`-th percentile of the validation part's scores (95: about
   5% of real in-domain images are turned away, the price of catching the rest).
 
+Distances are exact whatever the features' scale and offset: each image's difference to a
+class mean is taken first and projected afterwards (in float64), never expanded as
+|x|^2 - 2 x.m + |m|^2, which loses every digit when the features are far from the origin
+compared with their spread (issue 19: squared distances came out as multiples of 256).
+
+A gate can only judge when the features vary. `OodGate.relative_spread` is the smallest
+standard deviation of the shrunk covariance (the square root of its smallest eigenvalue)
+over the features' RMS magnitude. Float32 features carry about 7 digits, and ONNX Runtime,
+PyTorch, a CPU and a GPU compute them to within a few roundings of each other (measured
+about 1e-6 of their magnitude); below `MIN_RELATIVE_SPREAD` (1e-3, 10^4 roundings) the
+distances along some direction measure those roundings rather than the image, and the
+fitted gate is `unusable_reason`'s to report (the evaluation records it in the card as
+`ood_gate.status: "unusable"`, and the app then serves without the gate and says so).
+
 `fit_gate` and `choose_threshold` are plain numpy in, numpy out. `save_gate` writes the means
 and the precision matrix (the inverse of the shrunk covariance) to `ood_gate.safetensors` in
-the model folder, with the SHA-256 of the weights they were computed from; the threshold and
-the percentile go into the model card (`ood_threshold`, `ood_percentile`). Nothing is
-pickled. This module imports neither prefect, mlflow nor gradio.
+the model folder, in float64 (the distances the threshold was chosen on are the ones served),
+with the SHA-256 of the weights they were computed from; the threshold and the percentile go
+into the model card (`ood_threshold`, `ood_percentile`). Nothing is pickled. This module
+imports neither prefect, mlflow nor gradio.
 """
 
 from __future__ import annotations
@@ -40,8 +55,22 @@ ABSENT = (f"the model has no out-of-domain gate ({GATE_FILE} is missing: it was 
           f"before SkinSense had one)")
 
 
+# Smallest relative spread of the features a gate can judge on (see the module docstring).
+MIN_RELATIVE_SPREAD = 1e-3
+# Rows of features whose distances are computed at once: (rows x classes x D) float64.
+_CHUNK_ROWS = 256
+
+
 class GateError(ValueError):
     """The gate cannot be fitted or used as asked; the message says why."""
+
+
+class GateDamagedError(GateError):
+    """The gate file is there but cannot be used (unreadable, or fitted on other weights).
+
+    Not the same as no gate: a model folder with a damaged gate is broken, and serving it
+    without saying so would pass its images unchecked as if it were an older model.
+    """
 
 
 @dataclass(frozen=True)
@@ -56,6 +85,8 @@ class OodGate:
         shrinkage: Ledoit-Wolf's shrinkage coefficient (0: sample covariance, 1: scaled
             identity), for the record.
         n_images: training images the statistics were fitted on.
+        relative_spread: the smallest standard deviation of the shrunk covariance over the
+            features' RMS magnitude (NaN when unknown: a gate file from before it was kept).
     """
 
     class_means: np.ndarray
@@ -64,18 +95,22 @@ class OodGate:
     weights_sha256: str = ""
     shrinkage: float = float("nan")
     n_images: int = 0
+    relative_spread: float = float("nan")
 
     def __post_init__(self) -> None:
         k, d = self.class_means.shape
         if self.precision.shape != (d, d) or self.class_indices.shape != (k,):
             raise GateError(f"inconsistent gate: means {self.class_means.shape}, precision "
                             f"{self.precision.shape}, classes {self.class_indices.shape}")
-        # P = L L^T, so (x - m)^T P (x - m) = |(x - m) L|^2: one matrix product per batch
-        # instead of one quadratic form per class. float64: distances of 1,000-dimensional
-        # vectors lose digits quickly in float32.
-        lower = np.linalg.cholesky(self.precision.astype(np.float64))
+        # P = L L^T, so (x - m)^T P (x - m) = |(x - m) L|^2. float64: distances of
+        # 1,000-dimensional vectors lose digits quickly in float32.
+        try:
+            lower = np.linalg.cholesky(self.precision.astype(np.float64))
+        except np.linalg.LinAlgError as exc:
+            raise GateError("the gate's precision matrix is not positive definite (the "
+                            "features barely vary); no distances can be computed") from exc
         object.__setattr__(self, "_lower", lower)
-        object.__setattr__(self, "_means_projected", self.class_means.astype(np.float64) @ lower)
+        object.__setattr__(self, "_means", self.class_means.astype(np.float64))
 
     @property
     def feature_dim(self) -> int:
@@ -87,16 +122,30 @@ class OodGate:
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise GateError(f"features must be (N, {self.feature_dim}), got {features.shape}")
-        projected = features @ self._lower
-        means = self._means_projected
-        squared = ((projected ** 2).sum(axis=1, keepdims=True) - 2 * projected @ means.T
-                   + (means ** 2).sum(axis=1))
-        return np.sqrt(np.maximum(squared, 0.0))
+        # The difference to each mean first, then the projection: the subtraction is one
+        # rounding of the result, so the relative error stays near float64's whatever the
+        # features' offset and scale.
+        out = np.empty((len(features), len(self._means)))
+        for start in range(0, len(features), _CHUNK_ROWS):
+            rows = features[start:start + _CHUNK_ROWS]
+            differences = rows[:, None, :] - self._means[None, :, :]
+            out[start:start + len(rows)] = np.linalg.norm(differences @ self._lower, axis=2)
+        return out
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """(N,) the gate score of each image: its smallest Mahalanobis distance to a class
         mean. Larger is further from the training images."""
         return self.distances(features).min(axis=1)
+
+    @property
+    def unusable_reason(self) -> str:
+        """Why the features are too uniform for this gate to judge ('' when they are not)."""
+        if not self.relative_spread < MIN_RELATIVE_SPREAD:  # NaN (unknown) passes
+            return ""
+        return (f"the model's features barely vary: their smallest standard deviation is "
+                f"{self.relative_spread:.2g} of their magnitude (at least "
+                f"{MIN_RELATIVE_SPREAD:g} is needed), so the distances would measure float32 "
+                f"rounding, not the image")
 
 
 def fit_gate(features: np.ndarray, labels: np.ndarray, *, weights_sha256: str = "") -> OodGate:
@@ -131,7 +180,19 @@ def fit_gate(features: np.ndarray, labels: np.ndarray, *, weights_sha256: str = 
     estimator = LedoitWolf(assume_centered=True).fit(centred)
     return OodGate(class_means=means, precision=estimator.precision_, class_indices=classes,
                    weights_sha256=weights_sha256, shrinkage=float(estimator.shrinkage_),
-                   n_images=len(features))
+                   n_images=len(features),
+                   relative_spread=relative_spread(estimator.covariance_, features))
+
+
+def relative_spread(covariance: np.ndarray, features: np.ndarray) -> float:
+    """The smallest standard deviation of `covariance` over the RMS magnitude of `features`
+    (0 when the features are all zero): how far the gate's least varying direction is above
+    the features' float32 resolution (see the module docstring)."""
+    smallest = float(np.linalg.eigvalsh(np.asarray(covariance, dtype=np.float64))[0])
+    magnitude = float(np.sqrt(np.mean(np.square(features))))
+    if magnitude == 0.0:
+        return 0.0
+    return float(np.sqrt(max(smallest, 0.0)) / magnitude)
 
 
 def choose_threshold(scores: np.ndarray, percentile: float) -> float:
@@ -152,14 +213,16 @@ def save_gate(gate: OodGate, model_dir: Path) -> Path:
     """Write `ood_gate.safetensors` into a model folder (atomically); returns its path."""
     path = Path(model_dir) / GATE_FILE
     tmp = path.with_name(f".{GATE_FILE}.tmp")
-    # float32 on disk halves the file (efficientnet_b3: 9 MB instead of 19); the distances
-    # are computed in float64 after loading.
-    save_file({"class_means": np.ascontiguousarray(gate.class_means, dtype=np.float32),
-               "precision": np.ascontiguousarray(gate.precision, dtype=np.float32),
+    # float64 on disk (efficientnet_b3: 19 MB beside 49 MB of weights): in float32 the
+    # means of features that vary little compared with their magnitude lose the digits the
+    # distances are made of, and the served scores would differ from those the threshold
+    # was chosen on.
+    save_file({"class_means": np.ascontiguousarray(gate.class_means, dtype=np.float64),
+               "precision": np.ascontiguousarray(gate.precision, dtype=np.float64),
                "class_indices": np.ascontiguousarray(gate.class_indices, dtype=np.int64)},
               str(tmp), metadata={
                   "weights_sha256": gate.weights_sha256, "shrinkage": repr(gate.shrinkage),
-                  "n_images": str(gate.n_images),
+                  "n_images": str(gate.n_images), "relative_spread": repr(gate.relative_spread),
                   "classes": json.dumps([CLASS_CODES[int(k)] for k in gate.class_indices]),
                   "score": "smallest Mahalanobis distance to a class mean (skinsense.trust.gate)"})
     tmp.replace(path)
@@ -167,7 +230,7 @@ def save_gate(gate: OodGate, model_dir: Path) -> Path:
 
 
 def load_gate(model_dir: Path, *, weights_sha256: str | None = None) -> tuple[OodGate | None, str]:
-    """The gate of a model folder, or None and why not.
+    """The gate of a model folder, or None when it has none.
 
     Args:
         model_dir: a model folder.
@@ -175,8 +238,13 @@ def load_gate(model_dir: Path, *, weights_sha256: str | None = None) -> tuple[Oo
             refused (a retraining into the same folder would otherwise keep a stale gate).
 
     Returns:
-        (gate, '') or (None, reason): `ABSENT` when the folder has no gate file (a model
-        from before the gate existed); the reason in words when the file is stale.
+        (gate, '') or (None, `ABSENT`) when the folder has no gate file (a model from before
+        the gate existed).
+
+    Raises:
+        GateDamagedError: the file is there but unreadable, or stale; the message says which
+            and what to do. The caller decides what a damaged gate means (the app: keep the
+            served version at a reload, say so on the page at a cold start).
     """
     path = Path(model_dir) / GATE_FILE
     if not path.is_file():
@@ -188,15 +256,15 @@ def load_gate(model_dir: Path, *, weights_sha256: str | None = None) -> tuple[Oo
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
         recorded = metadata.get("weights_sha256", "")
-        if weights_sha256 is not None and recorded != weights_sha256:
-            return None, (f"{GATE_FILE} was fitted on other weights than the current ones; "
-                          f"evaluate the model again to refit it")
-        return OodGate(class_means=tensors["class_means"], precision=tensors["precision"],
+        gate = OodGate(class_means=tensors["class_means"], precision=tensors["precision"],
                        class_indices=tensors["class_indices"], weights_sha256=recorded,
                        shrinkage=float(metadata.get("shrinkage", "nan")),
-                       n_images=int(metadata.get("n_images", "0"))), ""
+                       n_images=int(metadata.get("n_images", "0")),
+                       relative_spread=float(metadata.get("relative_spread", "nan")))
     except Exception as exc:  # noqa: BLE001 - any damage: safetensors, keys, shapes
-        # A damaged gate file must not stop the model from serving: it serves without the
-        # gate, and the app and /health say so.
-        return None, (f"{GATE_FILE} could not be read ({type(exc).__name__}: {exc}); "
-                      f"evaluate the model again to refit it")
+        raise GateDamagedError(f"{GATE_FILE} could not be read ({type(exc).__name__}: {exc}); "
+                               f"evaluate the model again to refit it") from exc
+    if weights_sha256 is not None and recorded != weights_sha256:
+        raise GateDamagedError(f"{GATE_FILE} was fitted on other weights than the current "
+                               f"ones; evaluate the model again to refit it")
+    return gate, ""
