@@ -163,6 +163,10 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int
     feed = {"image": np.ascontiguousarray(x.numpy())}
     sessions = {name: onnx_session(model_dir / file)
                 for name, file in (("onnx_fp32", ONNX_FILE), ("onnx_int8", INT8_FILE))}
+    from skinsense.serving.predictor import Predictor
+
+    predictors = {p: Predictor.from_model_dir(model_dir, precision=p) for p in ("fp32", "int8")}
+    upload = image.read_bytes()
 
     def raw() -> None:
         with torch.inference_mode():
@@ -175,6 +179,8 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int
         "raw": raw,
         "onnx_fp32": lambda: sessions["onnx_fp32"].run(None, feed),
         "onnx_int8": lambda: sessions["onnx_int8"].run(None, feed),
+        "assess_fp32": lambda: predictors["fp32"].assess(upload),
+        "assess_int8": lambda: predictors["int8"].assess(upload),
         "request_fp32": call(Client(urls["fp32"], verbose=False, ssl_verify=False),
                              "/classify"),
         "request_int8": call(Client(urls["int8"], verbose=False, ssl_verify=False),
@@ -289,6 +295,9 @@ def arch_lines(arch: str, size: int, result: dict) -> list[str]:
         "raw": "raw eager PyTorch forward, batch 1, fp32, tensor ready (bench process)",
         "onnx_fp32": "ONNX Runtime fp32 export alone, batch 1 (bench process, all cores)",
         "onnx_int8": "ONNX Runtime int8 export alone, batch 1 (bench process, all cores)",
+        "assess_fp32": "the server's work alone, fp32: `Predictor.assess` on the JPEG's bytes "
+                       "(decode, quality checks, forward, gate, referral; bench process)",
+        "assess_int8": "the same, int8",
         "request_fp32": "full /classify request (gate on), app serving fp32",
         "request_int8": "full /classify request (gate on), app serving int8",
     }
@@ -304,6 +313,9 @@ def arch_lines(arch: str, size: int, result: dict) -> list[str]:
         f"{p50['onnx_fp32'] / p50['onnx_int8']:.2f}x | |",
         f"| int8 speed-up, whole request | "
         f"{p50['request_fp32'] / p50['request_int8']:.2f}x | |",
+        f"| Gradio and HTTP per request (request p50 - assess p50), fp32 / int8 | "
+        f"{p50['request_fp32'] - p50['assess_fp32']:.1f} / "
+        f"{p50['request_int8'] - p50['assess_int8']:.1f} | |",
         f"| request p50 / raw forward p50, fp32 / int8 | "
         f"{p50['request_fp32'] / p50['raw']:.2f} / {p50['request_int8'] / p50['raw']:.2f} | |",
         "",

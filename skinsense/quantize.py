@@ -4,7 +4,8 @@
 quantization (`quantize_static`, QDQ format, per-channel int8 weights, uint8 activations)
 after `quant_pre_process` (shape inference and graph clean-up), calibrated on a few hundred
 images of the *validation* part (never the test part). The graph keeps both outputs of the
-fp32 export, `logits` and `features`, so the out-of-domain gate costs no second pass.
+fp32 export, `logits` and `features`, so the out-of-domain gate costs no second pass; the
+head (global pooling to both outputs) stays in float (`head_nodes` says why).
 
 `compare_int8` measures the int8 model beside the fp32 export on the test part and on the
 non-dermatoscopic reference photos (`skinsense.ood_reference`): balanced accuracy, ECE after
@@ -126,6 +127,36 @@ def _calibration_reader(images: np.ndarray, rows: np.ndarray, card: ModelCard, b
     return CachedPartReader()
 
 
+# Where the head begins: the global pooling that turns the last feature map into a vector.
+_POOLING = {"GlobalAveragePool", "ReduceMean", "AveragePool", "GlobalMaxPool"}
+_HEAD_LIMIT = 40  # nodes; a head that long is not a head (then only the outputs' producers)
+
+
+def head_nodes(model) -> list[str]:
+    """Names of the nodes from the global pooling to the outputs (`logits`, `features`).
+
+    They are left in float: quantizing the pooled vector rounds every feature to one of 256
+    levels of a single scale, and the out-of-domain gate's Mahalanobis distances (with a
+    precision matrix over 1,280-1,536 dimensions) turn that rounding into flipped verdicts
+    (95% agreement on a demo model, bench/RESULTS.md). The pooling averages the last int8
+    feature map in float, which gives back most of the resolution; the head's few
+    multiply-adds cost nothing.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    chosen: dict[str, Any] = {}
+    pending = [producers[o] for o in (OUTPUT_NAME, FEATURES_NAME) if o in producers]
+    while pending:
+        node = pending.pop()
+        if node.name in chosen or node.op_type == "Conv":
+            continue
+        chosen[node.name] = node
+        if len(chosen) > _HEAD_LIMIT:
+            return [producers[o].name for o in (OUTPUT_NAME, FEATURES_NAME) if o in producers]
+        if node.op_type not in _POOLING:
+            pending += [producers[i] for i in node.input if i in producers]
+    return list(chosen)
+
+
 def export_int8(model_dir: Path, calibration: CachedSplit, *, n_images: int = 300,
                 batch_size: int = 16, seed: int = 0) -> Path:
     """Quantize a model folder's network to int8 and write `model.int8.onnx` (and the fp32
@@ -171,7 +202,8 @@ def export_int8(model_dir: Path, calibration: CachedSplit, *, n_images: int = 30
         quantize_static(str(prepared), str(quantized),
                         _calibration_reader(images, rows, card, batch_size),
                         quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=head_nodes(onnx.load(str(prepared))))
         model = onnx.load(str(quantized))
         outputs = [o.name for o in model.graph.output]
         if outputs != [OUTPUT_NAME, FEATURES_NAME]:

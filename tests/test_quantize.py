@@ -136,6 +136,12 @@ def test_int8_export_of_the_production_architectures(arch, size, tmp_path):
     assert meta[WEIGHTS_SHA256_KEY] == weights_sha256(model_dir)
     assert meta["skinsense.precision"] == "int8"
     assert meta["skinsense.calibration"].startswith("validation part, 8 images")
+    # The head stays in float: the features the gate scores are not rounded to 8 bits.
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    assert producers["features"] != "DequantizeLinear" and producers["logits"] == "Gemm"
     ops = fused_op_types(path)
     assert ops["QLinearConv"] > 0 and ops["Conv"] == 0, ops   # no Conv left in float
     x = quantize.normalized(np.load(val.images_npy)[:2], ModelCard(arch=arch, image_size=size))
