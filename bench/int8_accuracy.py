@@ -2,7 +2,7 @@
 
 Trains, as the README's offline demo does (1,000 synthetic HAM10000-format images, seed 0,
 64 px, 4 epochs, learning rate 0.002, random initial weights), resnet18 and
-shufflenet_v2_x1_0, and efficientnet_b3 briefly on the same sample (default 96 px, 12 epochs:
+shufflenet_v2_x1_0, and efficientnet_b3 briefly on the same sample (default 96 px, 6 epochs:
 its 300 px would take an hour on 2 cores); then for each one what the evaluation stage does:
 calibration and the gate on the validation part, `quantize.export_int8` on 300 validation
 images, `quantize.compare_int8` on the test part and the reference photos. Prints one row per
@@ -12,7 +12,7 @@ specificity, ECE, the gate's and the top class's agreement, and the rule's verdi
 The speed-up printed here is at the trained size (64-96 px), not the serving one: the
 serving figures come from bench/serve_latency.py.
 
-Usage: python bench/int8_accuracy.py [--b3-size 96] [--b3-epochs 12] [--record]
+Usage: python bench/int8_accuracy.py [--b3-size 96] [--b3-epochs 6] [--archs ...] [--record]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def cached(home, source: Path, size: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--b3-size", type=int, default=96)
-    parser.add_argument("--b3-epochs", type=int, default=12)
+    parser.add_argument("--b3-epochs", type=int, default=6)
+    parser.add_argument("--archs", default="resnet18,shufflenet_v2_x1_0,efficientnet_b3")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
@@ -53,8 +54,9 @@ def main() -> None:
     from skinsense.paths import Home
     from skinsense.training.loop import fit
 
-    runs = [("resnet18", 64, 4), ("shufflenet_v2_x1_0", 64, 4),
-            ("efficientnet_b3", args.b3_size, args.b3_epochs)]
+    runs = [run for run in [("resnet18", 64, 4), ("shufflenet_v2_x1_0", 64, 4),
+                            ("efficientnet_b3", args.b3_size, args.b3_epochs)]
+            if run[0] in args.archs.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="skinsense-int8-") as tmp:
         tmp = Path(tmp)
