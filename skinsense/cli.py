@@ -153,9 +153,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from mlflow.exceptions import MlflowException
 
+    from skinsense.serving.app import serve_config_from_env
+
     uri = tracking.configure(Home.default())
+    cfg = serve_config_from_env()
+    if getattr(args, "precision", None):
+        cfg = cfg.model_copy(update={"precision": args.precision})
     try:
-        serve(args.model_uri, host=args.host, port=args.port)
+        serve(args.model_uri, host=args.host, port=args.port, cfg=cfg)
     except MlflowException as exc:
         if refused := tracking.refusal_message(exc, uri):
             raise RuntimeError(refused) from exc
@@ -405,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registered model URI or an exported model folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--precision", choices=["auto", "int8", "fp32"], default=None,
+                   help="serve.precision: auto (int8 where the evaluation allowed it), or force "
+                        "one (default: $SKINSENSE_SERVE_CONFIG's, else auto)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("registry", help="show, promote or roll back registered model versions")

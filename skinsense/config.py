@@ -319,6 +319,16 @@ class EvalConfig(_Strict):
         description="The out-of-domain gate's threshold is this percentile of the validation "
         "part's gate scores: about (100 - this)% of real dermatoscopic images are refused.",
     )
+    # A few hundred images fix the activation ranges well (ONNX Runtime's examples use
+    # 100-500); more only costs calibration time.
+    int8: bool = Field(True, description="Quantize each candidate to int8 (model.int8.onnx, "
+                       "calibrated on the validation part) and compare it with fp32 on the "
+                       "test part; the app serves int8 only when the comparison allows it.")
+    int8_calibration_images: int = Field(
+        300, ge=1, description="Validation images that calibrate the int8 activation ranges.")
+    int8_min_speedup: float = Field(
+        1.1, ge=0, description="int8 is served only when at least this many times faster than "
+        "fp32 on the evaluating machine's CPU (0: speed is no condition).")
     subgroup_min_images: int = Field(
         30, ge=1,
         description="A subgroup figure needs at least this many test images (for referral "
@@ -344,9 +354,18 @@ class ServeConfig(_Strict):
         "champion; 0 turns the watcher off (POST /reload still works).")
     # A dermatoscope JPEG is 0.2-3 MB; the cap keeps a hostile upload off the disk and RAM.
     max_file_size_mb: float = Field(10.0, gt=0, description="Largest upload the app accepts.")
-    # Both backends already use every core for one image; two at a time lets one request's
-    # decoding overlap another's forward pass without oversubscribing.
-    concurrency_limit: int = Field(2, ge=1, description="Classify requests run at once.")
+    # One request alone uses every core; concurrent ones get a core each (ONNX Runtime's
+    # sessions in skinsense.serving.runtime), so one request per core keeps every core busy
+    # without oversubscribing them. None: from the cores this process may use.
+    concurrency_limit: int | None = Field(
+        None, ge=1, description="Classify requests run at once; empty: one per CPU core.")
+    model_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads of a request that runs alone (concurrent "
+        "ones share them out); empty: every CPU core.")
+    # int8 only where the evaluation measured it as good as fp32 and faster (skinsense.quantize).
+    precision: Literal["auto", "int8", "fp32"] = Field(
+        "auto", description="auto: int8 (model.int8.onnx) when the model card's int8 "
+        "comparison allows it, else fp32; int8 or fp32 force one.")
     # Off only to measure what the gate costs (bench/serve_latency.py) or for a trusted
     # pipeline of dermatoscope images; /health then says "off".
     gate: bool = Field(

@@ -6,7 +6,8 @@ metrics, dataset fingerprint, the resolved config, and from the evaluation stage
 calibration temperature, the referral rule with its test figures, the subgroup audit's
 gaps and the out-of-domain gate's threshold). The evaluation stage adds
 `ood_gate.safetensors` (the gate's class means and precision matrix, `skinsense.trust.gate`) and
-the registry `model.onnx`. The app rebuilds itself from that alone.
+`model.onnx` with its int8 twin `model.int8.onnx` (`skinsense.quantize`), which the registry
+checks and logs. The app rebuilds itself from that alone.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class ModelCard(BaseModel):
         default_factory=dict, description="What the temperature did on the test part: "
         "`temperature`, `fitted_on`, test ECE and NLL before and after, `helped` (it lowered "
         "the test NLL) and `summary` in words. Empty on a card from before it was recorded.")
+    # Set by the evaluation stage with model.int8.onnx (skinsense.quantize.Int8Report);
+    # empty: never compared, and fp32 is served.
+    int8: dict[str, Any] = Field(
+        default_factory=dict, description="The int8 export beside fp32 on the test part "
+        "(balanced accuracy, ECE, referral, gate agreement, latency) and whether it is served.")
 
     @property
     def calibrated(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,6 +26,8 @@ from skinsense.data.records import (
 )
 from skinsense.models import check_image_size, default_image_size
 from skinsense.paths import Home
+
+log = logging.getLogger(__name__)
 
 
 class TrainedArch(BaseModel):
@@ -216,6 +219,10 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
                                          "reason": result.gate_reason,
                                          "warning": result.gate_warning}
     save_card(card, model_dir)
+    if cfg.int8:
+        int8 = evaluate_int8(model_dir, cache, cfg)
+        if int8 is not None:
+            tracking.log_metrics(run_id, int8.metrics(), prefix="test_")
     tracking.log_metrics(run_id, result.metrics, prefix="test_")
     tracking.log_metrics(run_id, result.efficiency)
     for artifact in result.artifacts:
@@ -236,6 +243,27 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     tracking.end_run(run_id)
     return Candidate(arch=card.arch, model_dir=model_dir, run_id=run_id, image_size=card.image_size,
                      test_metrics=result.metrics, evaluation=result)
+
+
+def evaluate_int8(model_dir: Path, cache: ImageCache, cfg: EvalConfig):
+    """Quantize the model folder to int8 on validation images, compare it with fp32 on the
+    test part, and write the verdict into its card (`skinsense.quantize`)."""
+    from skinsense import quantize
+    from skinsense.packaging import load_card, save_card
+
+    try:
+        quantize.export_int8(model_dir, cache.val, n_images=cfg.int8_calibration_images)
+        report = quantize.compare_int8(model_dir, cache.test, batch_size=cfg.batch_size,
+                                       min_speedup=cfg.int8_min_speedup)
+        verdict = report.model_dump(mode="json")
+    except Exception as exc:  # noqa: BLE001 - fp32 is still served; the evaluation stands
+        log.exception("%s: no int8 model", model_dir)
+        (model_dir / quantize.INT8_FILE).unlink(missing_ok=True)
+        report, verdict = None, {"serve": False, "reason": f"int8 export failed: {exc}"}
+    card = load_card(model_dir)
+    card.int8 = verdict
+    save_card(card, model_dir)
+    return report
 
 
 def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Home) -> list[Path]:

@@ -82,7 +82,7 @@ LAYERS = [
     ("training, trust and the audit", [
         "skinsense.training", "skinsense.trust", "skinsense.bootstrap", "skinsense.subgroups",
         "skinsense.ood_reference", "skinsense.plots"]),
-    ("evaluation and serving", ["skinsense.evaluation", "skinsense.serving"]),
+    ("evaluation and serving", ["skinsense.evaluation", "skinsense.quantize", "skinsense.serving"]),
     ("lifecycle", ["skinsense.lifecycle"]),
     ("stages and the stack", ["skinsense.stages", "skinsense.reports", "skinsense.stack"]),
     ("tasks", ["tasks"]),

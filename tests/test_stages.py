@@ -62,6 +62,13 @@ def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
     assert artifacts == {"subgroups/subgroup_metrics.csv", "subgroups/subgroup_metrics.md"}
     isic = {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation-isic2018")}
     assert "evaluation-isic2018/reliability_diagram.png" in isic
+    # The int8 export is made and judged by the evaluate stage, its verdict in the card.
+    assert (model_dir / "model.int8.onnx").is_file() and (model_dir / "model.onnx").is_file()
+    assert card.int8["calibration"].startswith(f"validation part, {cache.val.n} images")
+    assert card.int8["n_test"] == cache.test.n and isinstance(card.int8["serve"], bool)
+    assert card.int8["int8"]["balanced_accuracy"] == pytest.approx(
+        metrics["test_int8_balanced_accuracy"])
+    assert metrics["test_int8_served"] == float(card.int8["serve"])
 
 
 def test_a_manifest_is_logged_as_a_local_dataset_without_a_guess(tmp_path, home):

@@ -9,8 +9,10 @@ promotion (`rollback`); every promotion records the champion it replaced as the 
 last, so any failure leaves it where it was.
 
 A registered version's model folder holds `weights.safetensors`, `model_card.json`,
-`ood_gate.safetensors` (the out-of-domain gate, when evaluation fitted one) and `model.onnx`
-(logits and features, exported and checked against PyTorch at registration): nothing in it
+`ood_gate.safetensors` (the out-of-domain gate, when evaluation fitted one), `model.onnx`
+(logits and features, exported and checked against PyTorch at registration) and
+`model.int8.onnx` (quantized and compared with fp32 by the evaluation, `skinsense.quantize`;
+tags `int8_served` and `int8_reason` repeat the card's verdict): nothing in it
 unpickles code when loaded. The version's tags repeat what the card says about calibration, the
 referral rule and the subgroup audit (`card_tags`), so `show` can print them without
 downloading anything.
@@ -106,10 +108,21 @@ def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
     for key, value in {**card_tags(card), **tags, "arch": card.arch,
                        f"test_{metric}": repr(float(score)),
                        "dataset_fingerprint": card.dataset_fingerprint,
-                       "onnx_max_abs_diff": f"{onnx_diff:.3g}"}.items():
+                       "onnx_max_abs_diff": f"{onnx_diff:.3g}", **int8_tags(card)}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+def int8_tags(card: ModelCard) -> dict[str, str]:
+    """Whether the version's `model.int8.onnx` is served, and why (`skinsense.quantize`)."""
+    if not card.int8:
+        return {"int8_served": "false", "int8_reason": "no int8 comparison in the model card"}
+    tags = {"int8_served": str(bool(card.int8.get("serve"))).lower(),
+            "int8_reason": str(card.int8.get("reason", ""))[:5000]}
+    if card.int8.get("speedup") is not None:
+        tags["int8_speedup"] = f"{float(card.int8['speedup']):.3g}"
+    return tags
 
 
 # Test metrics of the card that go on a version as tags, beside the promotion metric.

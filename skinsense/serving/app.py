@@ -19,13 +19,15 @@ Routes: `/` the UI; `/gradio_api/...` its API for gradio_client: `/classify` (as
 the top-3 label and the description; an image refused by a quality check or the gate is an
 error with the reason), `/assess` (everything as JSON: quality, gate, probabilities,
 referral) and `/explain` (the overlay, an image of the upload's size, and a caption);
-`GET /health` JSON (with the gate's threshold); `POST /reload` check the registry now
+`GET /health` JSON (with the gate's threshold, the precision served and why, and the
+threads and concurrency of the runtime); `POST /reload` check the registry now
 (loopback callers only).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
 import logging
@@ -43,9 +45,10 @@ from skinsense.config import ServeConfig
 from skinsense.labels import BY_CODE
 from skinsense.models import NoExplanationError
 from skinsense.serving.explain import explain_image
-from skinsense.serving.loading import LoadedModel
+from skinsense.serving.loading import LoadedModel, load_model
 from skinsense.serving.predictor import Assessment, ImageRejected
 from skinsense.serving.reload import ModelHolder
+from skinsense.serving.runtime import serving_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +150,13 @@ def footer_text(model: LoadedModel) -> str:
             "unusable": "out-of-domain gate off (unusable for this model)",
             "damaged": "out-of-domain gate DAMAGED"}.get(model.predictor.gate_status,
                                                          "no out-of-domain gate")
+    predictor = model.predictor
+    precision = predictor.precision + (f" ({predictor.precision_note})"
+                                       if predictor.precision == "fp32"
+                                       and predictor.precision_note else "")
     return (f"Model: {model.model_name or 'skinsense'} {version} - {card.arch} at "
             f"{card.image_size} px - test balanced accuracy {score_text} - {calibration} - "
-            f"{gate} - trained {card.trained_at[:10]} - runs on {model.predictor.backend}")
+            f"{gate} - trained {card.trained_at[:10]} - runs on {predictor.backend}, {precision}")
 
 
 def verdict_html(kind: str, title: str, text: str = "") -> str:
@@ -226,6 +233,9 @@ def _refusal(exc: ImageRejected, image: str | bytes) -> gr.Error:
 
 def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
     """The user interface; its API endpoints are `/classify`, `/assess` and `/explain`."""
+    # Requests that run the model at once (one per core unless configured): no request
+    # waits on another's worker while a core is idle (skinsense.serving.runtime).
+    concurrency = serving_concurrency(cfg.concurrency_limit)
 
     def assess(image: str | bytes | None) -> tuple[LoadedModel, Assessment]:
         if not image:
@@ -373,17 +383,17 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         answer_outputs = [verdict, label, details, anyway, anyway_label, anyway_note,
                           explanation_box, explanation, explanation_caption]
         button.click(show, inputs=image, outputs=answer_outputs, api_visibility="private",
-                     concurrency_limit=cfg.concurrency_limit, concurrency_id="model")
+                     concurrency_limit=concurrency, concurrency_id="model")
         # A new image must not keep the answer or the explanation of the last one.
         image.change(lambda: answer(), outputs=answer_outputs, api_visibility="private",
                      queue=False, show_progress="hidden")
         # API-only endpoints (no trigger in the page). /classify keeps its inputs and its two
         # outputs, so existing gradio_client code works unchanged.
         gr.on(triggers=[], fn=classify, inputs=image, outputs=[label, details],
-              api_name="classify", concurrency_limit=cfg.concurrency_limit,
+              api_name="classify", concurrency_limit=concurrency,
               concurrency_id="model")
         gr.on(triggers=[], fn=assess_json, inputs=image, outputs=gr.JSON(visible=False),
-              api_name="assess", concurrency_limit=cfg.concurrency_limit,
+              api_name="assess", concurrency_limit=concurrency,
               concurrency_id="model")
         # One explanation at a time: Grad-CAM runs on all cores and holds a lock anyway.
         explain_button.click(explain, inputs=image, outputs=[explanation, explanation_caption],
@@ -418,6 +428,8 @@ def health_state(holder: ModelHolder, cfg: ServeConfig) -> dict:
     return {"status": "ok", "model_name": model.model_name, "version": model.version,
             "model_uri": model.model_uri, "arch": card.arch, "image_size": card.image_size,
             "backend": model.predictor.backend, "trained_at": card.trained_at,
+            **model.predictor.runtime_summary(),
+            "concurrency_limit": serving_concurrency(cfg.concurrency_limit),
             "test_balanced_accuracy": card.metrics.get("test_balanced_accuracy"),
             "ood_threshold": card.ood_threshold if model.predictor.gate is not None else None,
             "ood_gate": model.predictor.gate_summary(enabled=cfg.gate),
@@ -445,9 +457,13 @@ def create_server(model_uri: str, cfg: ServeConfig | None = None, *,
         Whatever loading the model raises: the server does not start without a model.
     """
     cfg = cfg or serve_config_from_env()
-    holder = holder or ModelHolder(model_uri, smoke_image=next(iter(example_images()), None))
-    log.info("serving %s (version %s, %s)", holder.current.model_uri, holder.current.version,
-             holder.current.predictor.backend)
+    holder = holder or ModelHolder(
+        model_uri, smoke_image=next(iter(example_images()), None),
+        loader=functools.partial(load_model, precision=cfg.precision, threads=cfg.model_threads,
+                                 concurrency=serving_concurrency(cfg.concurrency_limit)))
+    log.info("serving %s (version %s, %s, %s: %s)", holder.current.model_uri,
+             holder.current.version, holder.current.predictor.backend,
+             holder.current.predictor.precision, holder.current.predictor.precision_note)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

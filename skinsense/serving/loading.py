@@ -68,24 +68,31 @@ def resolve_model(model_uri: str) -> ResolvedModel:
     return ResolvedModel(None, None, model_uri)
 
 
-def load_model(model_uri: str, resolved: ResolvedModel | None = None) -> LoadedModel:
+def load_model(model_uri: str, resolved: ResolvedModel | None = None, *,
+               precision: str = "auto", threads: int | None = None,
+               concurrency: int | None = None) -> LoadedModel:
     """Load `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...` or a model folder path.
 
     Args:
         model_uri: what the app was asked to serve (kept for /health).
         resolved: `resolve_model(model_uri)` when the caller already has it.
+        precision, threads, concurrency: `ServeConfig.precision`, `model_threads` and
+            `concurrency_limit` (see `Predictor.from_model_dir`); a registered model gets
+            them as the pyfunc's `model_config`.
 
     Raises:
         FileNotFoundError / mlflow's MlflowException: with the URI in the message.
     """
     resolved = resolved or resolve_model(model_uri)
     if is_model_dir(resolved.pinned_uri):
-        return LoadedModel(Predictor.from_model_dir(Path(resolved.pinned_uri)),
+        return LoadedModel(Predictor.from_model_dir(Path(resolved.pinned_uri), precision=precision,
+                                                    threads=threads, concurrency=concurrency),
                            model_uri=resolved.pinned_uri)
 
     import mlflow
 
-    pyfunc = mlflow.pyfunc.load_model(resolved.pinned_uri)
+    pyfunc = mlflow.pyfunc.load_model(resolved.pinned_uri, model_config={
+        "precision": precision, "threads": threads, "concurrency": concurrency})
     predictor = pyfunc.unwrap_python_model().predictor
     return LoadedModel(predictor, model_uri=model_uri, model_name=resolved.model_name,
                        version=resolved.version)

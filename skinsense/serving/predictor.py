@@ -6,7 +6,10 @@ what the model was evaluated on.
 
 Two backends compute the same logits and penultimate features in one forward pass: ONNX
 Runtime, used when the model folder holds a `model.onnx` exported from its current weights
-(see `skinsense.export`), and PyTorch otherwise. For both, the logits become probabilities
+(see `skinsense.export`), and PyTorch otherwise. ONNX Runtime runs `model.int8.onnx` instead
+when the evaluation found it agrees with fp32 (`skinsense.quantize.serving_precision`;
+`precision` and `precision_note` say which and why), and serves concurrent requests without
+a lock (`skinsense.serving.runtime.OnnxRunner`). For both, the logits become probabilities
 here, through the one function every path uses
 (`skinsense.trust.calibration.calibrated_probabilities`) with the card's temperature; the referral
 decision on those probabilities is `skinsense.trust.referral.referral_decision`.
@@ -40,7 +43,6 @@ from skinsense.export import (
     OUTPUT_NAME,
     WEIGHTS_SHA256_KEY,
     onnx_has_features,
-    onnx_session,
     weights_sha256,
 )
 from skinsense.trust.gate import ABSENT, GATE_FILE, GateDamagedError, OodGate, load_gate
@@ -49,7 +51,9 @@ from skinsense.models import LogitsAndFeatures
 from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
 from skinsense.presets import make_preset
 from skinsense.trust.quality import MEASURE_SIDE, QualityIssue, check_quality
+from skinsense.quantize import INT8_FILE, Precision, serving_precision
 from skinsense.trust.referral import Referral, referral_decision
+from skinsense.serving.runtime import OnnxRunner
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +200,16 @@ class Predictor:
     gate: OodGate | None = None
     gate_note: str = ABSENT
     gate_status: GateStatus = "absent"
+    # 'int8' (model.int8.onnx) or 'fp32', and why (skinsense.quantize.serving_precision).
+    precision: str = "fp32"
+    precision_note: str = ""
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.session is None):
             raise ValueError("a Predictor needs either a torch model or an ONNX Runtime session")
         self._preset = make_preset("eval", mean=self.card.mean, std=self.card.std)
-        # Either backend already uses every core for one batch; parallel calls only contend.
+        # PyTorch already uses every core for one batch; parallel calls would only contend.
+        # ONNX Runtime runs take no lock (OnnxRunner spreads them over the cores).
         self._lock = threading.Lock()
         self._split = LogitsAndFeatures(self.model).eval() if self.model is not None else None
         self._session_has_features = (self.session is not None
@@ -224,14 +232,25 @@ class Predictor:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, *,
-                       backend: Literal["auto", "onnxruntime", "torch"] = "auto") -> Predictor:
+                       backend: Literal["auto", "onnxruntime", "torch"] = "auto",
+                       precision: Precision = "auto", threads: int | None = None,
+                       concurrency: int | None = None) -> Predictor:
         """Load a model folder.
 
         Args:
-            model_dir: weights.safetensors + model_card.json, optionally model.onnx.
+            model_dir: weights.safetensors + model_card.json, optionally model.onnx and
+                model.int8.onnx.
             backend: 'auto' uses ONNX Runtime when a `model.onnx` made from these weights is
                 there and onnxruntime is installed, else PyTorch; 'onnxruntime' or 'torch'
                 force one (forcing ONNX Runtime without a usable model.onnx raises).
+            precision: `ServeConfig.precision`: 'auto' serves `model.int8.onnx` when the
+                card's int8 comparison allows it (`skinsense.quantize`), else fp32; 'int8'
+                forces int8 (raises when there is no usable int8 export); 'fp32' forces fp32.
+            threads, concurrency: ONNX Runtime threads of a lone request and requests at
+                once (`skinsense.serving.runtime`; default from the core count).
+
+        Raises:
+            FileNotFoundError: a forced backend or precision has no usable file.
         """
         model_dir = Path(model_dir)
         sha = weights_sha256(model_dir) if (model_dir / WEIGHTS_FILE).is_file() else None
@@ -241,23 +260,47 @@ class Predictor:
         except GateDamagedError as exc:
             gate, gate_note, gate_status = None, str(exc), "damaged"
             log.error("%s: its out-of-domain gate is damaged: %s", model_dir, exc)
+        card = load_card(model_dir)
+        chosen, note = serving_precision(card, precision)
+        if backend == "torch" and precision == "int8":
+            raise FileNotFoundError(f"int8 is served by ONNX Runtime only; {model_dir} was "
+                                    f"asked for the torch backend")
         if backend != "torch":
-            session, why_not = _onnx_session_for(model_dir, sha)
-            if session is not None and gate is not None and not onnx_has_features(session):
-                # The gate needs the features; PyTorch computes them in the same pass.
-                session, why_not = None, f"{ONNX_FILE} outputs no features for the gate"
-            if session is not None:
-                card = load_card(model_dir)
-                _check_classes(card, model_dir)
-                return cls(model=None, card=card, source=str(model_dir), session=session,
-                           gate=gate, gate_note=gate_note, gate_status=gate_status)
+            files = [INT8_FILE, ONNX_FILE] if chosen == "int8" else [ONNX_FILE]
+            for file in files:
+                session, why_not = _onnx_session_for(model_dir, sha, file, threads=threads,
+                                                     concurrency=concurrency)
+                if session is not None and gate is not None and not onnx_has_features(session):
+                    # The gate needs the features; PyTorch computes them in the same pass.
+                    session, why_not = None, f"{file} outputs no features for the gate"
+                if file == INT8_FILE and session is None:
+                    if precision == "int8":
+                        raise FileNotFoundError(f"cannot serve {model_dir} in int8: {why_not}")
+                    log.warning("serving %s in fp32: %s", model_dir, why_not)
+                    note = f"{why_not} (the evaluation had allowed int8)"
+                    continue
+                if session is not None:
+                    _check_classes(card, model_dir)
+                    return cls(model=None, card=card, source=str(model_dir), session=session,
+                               gate=gate, gate_note=gate_note, gate_status=gate_status,
+                               precision="int8" if file == INT8_FILE else "fp32",
+                               precision_note=note)
             if backend == "onnxruntime":
                 raise FileNotFoundError(f"cannot serve {model_dir} with ONNX Runtime: {why_not}")
-            if why_not != "no model.onnx":
+            if why_not != f"no {ONNX_FILE}":
                 log.warning("serving %s with PyTorch: %s", model_dir, why_not)
         model, card = load_model_dir(model_dir)
+        if precision != "fp32":
+            note = "PyTorch serves fp32 (no usable ONNX export)"
         return cls(model=model, card=card, source=str(model_dir), gate=gate, gate_note=gate_note,
-                   gate_status=gate_status)
+                   gate_status=gate_status, precision="fp32", precision_note=note)
+
+    def runtime_summary(self) -> dict[str, Any]:
+        """Precision, why, and the threads and concurrency of the runtime (for /health)."""
+        runtime = (self.session.describe() if hasattr(self.session, "describe")
+                   else {"threads": torch.get_num_threads() if self.session is None else None})
+        return {"backend": self.backend, "precision": self.precision,
+                "precision_note": self.precision_note, **runtime}
 
     def pixels(self, images: list) -> np.ndarray:
         """uint8 (N, 3, H, W): decoded and resized exactly like the image cache does."""
@@ -286,8 +329,7 @@ class Predictor:
         if self.session is not None:
             inputs = self._normalized_array(images)
             names = [OUTPUT_NAME, FEATURES_NAME] if self._session_has_features else [OUTPUT_NAME]
-            with self._lock:
-                result = self.session.run(names, {INPUT_NAME: inputs})
+            result = self.session.run(names, {INPUT_NAME: inputs})
             return result[0], (result[1] if len(result) > 1 else None)
         batch = self.preprocess(images)
         with self._lock:
@@ -398,18 +440,20 @@ def _check_classes(card: ModelCard, model_dir: Path) -> None:
                          f"SkinSense expects {list(CLASS_CODES)}")
 
 
-def _onnx_session_for(model_dir: Path, sha: str | None) -> tuple[Any | None, str]:
-    """(session, '') when model.onnx is usable for this folder, else (None, why not)."""
-    onnx_path = model_dir / ONNX_FILE
+def _onnx_session_for(model_dir: Path, sha: str | None, file: str = ONNX_FILE, *,
+                      threads: int | None = None, concurrency: int | None = None
+                      ) -> tuple[OnnxRunner | None, str]:
+    """(runner, '') when `file` is usable for this folder, else (None, why not)."""
+    onnx_path = model_dir / file
     if not onnx_path.is_file():
-        return None, "no model.onnx"
+        return None, f"no {file}"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return None, "onnxruntime is not installed"
-    session = onnx_session(onnx_path)
+    session = OnnxRunner(onnx_path, threads=threads, concurrency=concurrency)
     recorded = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_SHA256_KEY)
     # Retraining into the same folder replaces the weights; an older export must not win.
     if sha is not None and recorded != sha:
-        return None, f"{ONNX_FILE} was not exported from the current {WEIGHTS_FILE}"
+        return None, f"{file} was not exported from the current {WEIGHTS_FILE}"
     return session, ""

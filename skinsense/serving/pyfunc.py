@@ -18,7 +18,11 @@ Trust a row's probabilities only when `quality_issue` is '' and `in_domain` is T
 app does. A model whose gate file is damaged answers nothing: `predict` raises, saying so
 (a None `in_domain` would read as a model from before the gate); one whose gate the
 evaluation found unusable answers with `in_domain` None, as one without a gate. The model runs on ONNX Runtime when the registered folder holds `model.onnx`
-(every version registered by `skinsense.lifecycle.registry` does), else on PyTorch.
+(every version registered by `skinsense.lifecycle.registry` does), else on PyTorch; in int8
+(`model.int8.onnx`) exactly when the app would (`skinsense.quantize.serving_precision`: the
+evaluation's parity verdict in the card). `mlflow.pyfunc.load_model(uri, model_config=
+{"precision": "fp32"})` (or "int8") forces one, as `ServeConfig.precision` does for the app;
+`threads` and `concurrency` set ONNX Runtime's threads (`skinsense.serving.runtime`).
 """
 
 from __future__ import annotations
@@ -55,7 +59,18 @@ class SkinSensePyfunc(mlflow.pyfunc.PythonModel):
     and ood_gate.safetensors)."""
 
     def load_context(self, context) -> None:
-        self.predictor = Predictor.from_model_dir(Path(context.artifacts[MODEL_DIR_ARTIFACT]))
+        config = dict(getattr(context, "model_config", None) or {})
+        unknown = set(config) - {"precision", "threads", "concurrency"}
+        if unknown:
+            raise ValueError(f"unknown model_config keys {sorted(unknown)}; the SkinSense pyfunc "
+                             f"takes precision ('auto', 'int8' or 'fp32'), threads and concurrency")
+        precision = config.get("precision") or "auto"
+        if precision not in ("auto", "int8", "fp32"):
+            raise ValueError(f"model_config precision {precision!r}: use 'auto', 'int8' or "
+                             f"'fp32'")
+        self.predictor = Predictor.from_model_dir(
+            Path(context.artifacts[MODEL_DIR_ARTIFACT]), precision=precision,
+            threads=config.get("threads"), concurrency=config.get("concurrency"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if self.predictor.gate_status == "damaged":
