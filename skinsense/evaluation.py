@@ -826,11 +826,13 @@ def calibration_outcome(temperature: float, n_val: int | None,
 
     Returns:
         `temperature`, `fitted_on`, the four test figures, `helped` (the temperature lowered
-        the test NLL, the quantity it was fitted to lower) and `summary`, e.g. "temperature
+        the test NLL, the quantity it was fitted to lower, and did not raise the test ECE,
+        the one a reader takes "calibrated" to promise) and `summary`, e.g. "temperature
         1.03 fitted on validation; test ECE 0.096 -> 0.112, NLL 0.739 -> 0.742".
     """
     fitted_on = "validation" + (f" ({n_val} images)" if n_val else "")
-    helped = bool(metrics["nll"] < metrics["nll_uncalibrated"])
+    helped = bool(metrics["nll"] < metrics["nll_uncalibrated"]
+                  and metrics["ece"] <= metrics["ece_uncalibrated"])
     return {"temperature": temperature, "fitted_on": fitted_on,
             "test_ece_uncalibrated": metrics["ece_uncalibrated"], "test_ece": metrics["ece"],
             "test_nll_uncalibrated": metrics["nll_uncalibrated"], "test_nll": metrics["nll"],

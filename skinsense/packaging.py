@@ -77,7 +77,8 @@ class ModelCard(BaseModel):
     calibration: dict[str, Any] = Field(
         default_factory=dict, description="What the temperature did on the test part: "
         "`temperature`, `fitted_on`, test ECE and NLL before and after, `helped` (it lowered "
-        "the test NLL) and `summary` in words. Empty on a card from before it was recorded.")
+        "the test NLL and did not raise the test ECE) and `summary` in words. Empty on a card "
+        "from before it was recorded.")
     # Set by the evaluation stage with model.int8.onnx (skinsense.quantize.Int8Report);
     # empty: never compared, and fp32 is served.
     int8: dict[str, Any] = Field(
@@ -89,8 +90,9 @@ class ModelCard(BaseModel):
         """A temperature was fitted and it helped: its probabilities may be called calibrated.
 
         A fitted temperature is never exactly 1 (a card from before calibration has 1); a
-        temperature that did not lower the test part's NLL (`calibration['helped']` False)
-        was fitted, but its probabilities are not called calibrated.
+        temperature that did not help on the test part (`calibration['helped']` False: the
+        NLL did not go down, or the ECE went up) was fitted, but its probabilities are not
+        called calibrated.
         """
         return self.temperature != 1.0 and self.calibration.get("helped") is not False
 

@@ -25,8 +25,16 @@ def small_size(arch: str) -> int:
     return _SIZES.get(arch, 64)
 
 
-def calibrated_model(arch: str, size: int) -> torch.nn.Module:
-    """`arch` with random weights and batch-norm statistics of one random batch, in eval mode.
+def calibrated_model(arch: str, size: int, batch: torch.Tensor | None = None) -> torch.nn.Module:
+    """`arch` with random weights and batch-norm statistics of one batch, in eval mode.
+
+    Args:
+        arch: a torchvision architecture.
+        size: its input side.
+        batch: the (N, 3, size, size) model inputs whose statistics the batch norms take;
+            default 16 random normal images. Real images keep a deep random network (the
+            EfficientNets) at unit scale on real images too: with statistics of noise its
+            features on photos reach the thousands, and two backends' roundings diverge.
 
     Draws from the global torch RNG: wrap in `torch.random.fork_rng()` with a seed.
     """
@@ -37,5 +45,5 @@ def calibrated_model(arch: str, size: int) -> torch.nn.Module:
             module.momentum = None  # a plain average over the calibration batch
     model.train()
     with torch.no_grad():
-        model(torch.randn(16, 3, size, size))
+        model(torch.randn(16, 3, size, size) if batch is None else batch)
     return model.eval()

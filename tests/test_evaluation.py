@@ -387,7 +387,8 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     from skinsense.evaluation import calibration_outcome
 
     outcome = calibration_outcome(card.temperature, calibration.n_images, after.metrics)
-    assert outcome["helped"] is (after.metrics["nll"] < after.metrics["nll_uncalibrated"])
+    assert outcome["helped"] is (after.metrics["nll"] < after.metrics["nll_uncalibrated"]
+                                 and after.metrics["ece"] <= after.metrics["ece_uncalibrated"])
     assert (f"test ECE {after.metrics['ece_uncalibrated']:.3f} -> {after.metrics['ece']:.3f}"
             in outcome["summary"])
     card.calibration = outcome

@@ -84,8 +84,10 @@ def test_distances_are_exact_at_any_scale_and_offset(seed, scale, offset, dims):
     expected = [[mahalanobis(row, mean, gate.precision) for mean in gate.class_means]
                 for row in moved(probe)]
     np.testing.assert_allclose(distances, expected, rtol=1e-6)
-    # Affine invariance: the refitted gate measures what the original one does.
-    np.testing.assert_allclose(distances, base.distances(probe), rtol=1e-4)
+    # Affine invariance: the refitted gate measures what the original one does, up to the
+    # rounding of the shifted inputs themselves (1e4 holds 12 digits fewer below the point:
+    # about 1e-5 of a standard deviation when scaled by 1e-6).
+    np.testing.assert_allclose(distances, base.distances(probe), rtol=1e-4, atol=1e-3)
     threshold = choose_threshold(base.scores(val), 95)
     moved_threshold = choose_threshold(gate.scores(moved(val)), 95)
     base_scores = base.scores(probe)

@@ -78,9 +78,9 @@ NO_GATE = ("This model has no out-of-domain check (it was trained before SkinSen
            "so the app cannot tell whether this is a dermatoscopic image: make sure it is one "
            "before reading anything into the answer.")
 GATE_UNUSABLE = ("This model's out-of-domain check is switched off: its evaluation found that "
-                 "it cannot tell dermatoscopic images from other pictures ({note}). The app "
-                 "cannot tell whether this is a dermatoscopic image: make sure it is one before "
-                 "reading anything into the answer.")
+                 "it cannot tell dermatoscopic images from other pictures. Why: {note}. So the "
+                 "app cannot tell whether this is a dermatoscopic image: make sure it is one "
+                 "before reading anything into the answer.")
 GATE_DAMAGED = ("This model's out-of-domain check is damaged ({note}), so the app cannot tell "
                 "whether this is a dermatoscopic image: make sure it is one before reading "
                 "anything into the answer, and tell whoever runs this app.")

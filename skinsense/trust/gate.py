@@ -143,8 +143,8 @@ class OodGate:
         if not self.relative_spread < MIN_RELATIVE_SPREAD:  # NaN (unknown) passes
             return ""
         return (f"the model's features barely vary: their smallest standard deviation is "
-                f"{self.relative_spread:.2g} of their magnitude (at least "
-                f"{MIN_RELATIVE_SPREAD:g} is needed), so the distances would measure float32 "
+                f"{self.relative_spread:.2g} of their magnitude, under the "
+                f"{MIN_RELATIVE_SPREAD:g} a gate needs, so its distances would measure float32 "
                 f"rounding, not the image")
 
 
