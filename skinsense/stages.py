@@ -59,12 +59,14 @@ def fetch_data(cfg: DataConfig, home: Home, *, progress: bool = True) -> Fetched
 
 
 def validate_data(fetched: FetchedData, cfg: DataConfig, home: Home) -> ValidatedData:
-    """Check metadata and every image; bad images are reported and left out."""
+    """Check metadata and every image; bad images are reported and left out. The same decode
+    finds near-duplicate images across lesions (their lesions become one split group)."""
     from skinsense.data.metadata import validate
 
-    out_dir = home.datasets / f"validated-{_digest(fetched.model_dump(mode='json'))[:12]}"
-    return validate(fetched, out_dir=out_dir, max_bad_fraction=cfg.max_bad_fraction,
-                    workers=cfg.cache_workers)
+    key = _digest(fetched.model_dump(mode="json"), cfg.near_duplicates.model_dump(mode="json"))
+    return validate(fetched, out_dir=home.datasets / f"validated-{key[:12]}",
+                    max_bad_fraction=cfg.max_bad_fraction, workers=cfg.cache_workers,
+                    near_duplicates=cfg.near_duplicates)
 
 
 def split_data(validated: ValidatedData, cfg: DataConfig, home: Home) -> SplitData:
