@@ -131,6 +131,14 @@ def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str],
                               ("test", split.test_csv)):
         tracking.log_dataset(run_id, manifest, name=f"HAM10000-{context}",
                              digest=split.fingerprint, context=context)
+    found = split.near_duplicates
+    if found is not None:
+        tracking.log_metrics(run_id, {"near_duplicate_pairs": found.n_pairs,
+                                      "near_duplicate_lesions_merged": found.n_lesions_merged,
+                                      "isic_test_near_duplicates": found.n_isic_test_images})
+        for path in (found.pairs_csv, found.preview_png, found.isic_test_pairs_csv):
+            if path is not None and Path(path).is_file():
+                tracking.log_artifact(run_id, Path(path), "near_duplicates")
     return run_id
 
 

@@ -306,6 +306,29 @@ def describe(record: NearDuplicates | None) -> str:
     return text
 
 
+def markdown(record: NearDuplicates | None, *, max_png_bytes: int = 400_000) -> str:
+    """The Prefect artifact: the counts, and the preview PNG inline (a data URI)."""
+    import base64
+
+    lines = ["# Near-duplicate images across lesion_ids", "", describe(record)]
+    if record is None:
+        return "\n".join(lines)
+    lines += ["", f"- pairs: **{record.n_pairs}** (CSV: `{record.pairs_csv}`)",
+              f"- lesions merged: **{record.n_lesions_merged}** into {record.n_groups} "
+              "split group(s); no group is in two parts of the split",
+              f"- settings (part of the data fingerprint): `{record.settings}`"]
+    if record.isic_test_pairs_csv is not None:
+        lines.append(f"- ISIC 2018 test images nearly duplicating a HAM10000 image: "
+                     f"**{record.n_isic_test_images}** (`{record.isic_test_pairs_csv}`)")
+    png = record.preview_png
+    if png is not None and png.is_file() and png.stat().st_size <= max_png_bytes:
+        data = base64.b64encode(png.read_bytes()).decode()
+        lines += ["", f"![a few pairs side by side](data:image/png;base64,{data})"]
+    elif png is not None:
+        lines += ["", f"A few pairs side by side: `{png}`"]
+    return "\n".join(lines)
+
+
 def save_preview(pairs: pd.DataFrame, paths: dict[str, str], out_png: Path,
                  *, max_pairs: int = 4) -> Path:
     """A PNG of the first few pairs side by side, with their ids and distances."""
