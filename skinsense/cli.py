@@ -32,7 +32,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from skinsense.data.synth import make_synthetic_ham10000
 
     out = make_synthetic_ham10000(Path(args.out), n_images=args.images, seed=args.seed,
-                                  isic_test_images=args.isic_test_images)
+                                  isic_test_images=args.isic_test_images,
+                                  near_duplicates=args.near_duplicates)
     print(f"wrote a synthetic HAM10000-format sample of {args.images} images to {out}")
     return 0
 
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--isic-test-images", type=int, default=0,
                    help="also write an ISIC 2018 Task 3 style test set of this many images")
+    p.add_argument("--near-duplicates", type=_non_negative, default=0, metavar="N",
+                   help="plant N near-duplicates (altered copies of images under new lesion "
+                        "ids), listed in planted_near_duplicates.csv")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("fetch", help="download (or read) and validate HAM10000")
