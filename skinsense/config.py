@@ -45,11 +45,11 @@ class NearDuplicateConfig(_Strict):
     # one patient (same sex and site) reach 0.96-0.98 when they are plain look-alike naevi.
     min_similarity: float = Field(
         0.965, gt=0, le=1, description="Smallest thumbnail similarity that confirms a pair.")
-    # Re-encoded, resized or colour-shifted copies score >= 0.985 (no geometric change); a
-    # pair of different sex or body site must be that close.
+    # Re-encoded or resized copies score >= 0.985 (no geometric or colour change); a
+    # pair of different sex, body site or age (5+ years apart) must be that close.
     min_similarity_other_patient: float = Field(
         0.985, gt=0, le=1, description="Smallest similarity that confirms a pair whose known "
-        "sex or body site differ.")
+        "sex, body site or age differ.")
     # A rotated or slightly cropped copy differs most at the frame's edges (black corners,
     # lost rim); both signatures look at the central part only.
     central_fraction: float = Field(

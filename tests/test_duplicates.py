@@ -17,7 +17,7 @@ from skinsense.config import DataConfig, NearDuplicateConfig
 from skinsense.data import duplicates
 from skinsense.data.metadata import validate
 from skinsense.data.records import SPLIT_GROUP_COLUMN, FetchedData
-from skinsense.data.split import run_split
+from skinsense.data.split import run_split, split_by_lesion
 from skinsense.data.synth import (
     PLANTED_NEAR_DUPLICATES_CSV,
     make_synthetic_ham10000,
@@ -84,11 +84,12 @@ def test_distinct_synthetic_lesions_are_almost_never_matched(planted):
     same_lesion = int((kept.groupby("lesion_id").size() * (kept.groupby("lesion_id").size() - 1)
                        // 2).sum())
     distinct_pairs = n * (n - 1) // 2 - same_lesion
-    # The issue's target is 1e-5 (about 5 pairs). Measured: 3 pairs on seed 3, 12 here
-    # (2.4e-5), all plain look-alike naevi of patients of the same sex and site, which the
-    # generator draws as near-identical centred brown ellipses. Held at 3e-5 until the
-    # second opinion can tell those apart (see the report of issue 22).
-    assert len(originals) <= 3e-5 * distinct_pairs, originals
+    # At most 1 in 100,000 (about 5 pairs). The images alone would not get there: the
+    # generator draws many naevi as near-identical centred brown ellipses, and about 3 in
+    # 10,000 pairs of them pass the hash and the thumbnails (the copies' bounds need that
+    # tolerance); the patient prior (sex, site, age) does the rest.
+    # (The issue's "about 5 false pairs among 1,000 images"; 5 here, 1 on seed 3.)
+    assert len(originals) <= round(1e-5 * distinct_pairs), originals
 
 
 @pytest.mark.slow
@@ -111,10 +112,17 @@ def test_no_planted_pair_straddles_two_parts_and_the_split_is_deterministic(plan
         assert part_of[a] == part_of[b], (a, b)
     for a, b in zip(pairs["image_id_a"], pairs["image_id_b"], strict=True):
         assert part_of[a] == part_of[b], (a, b)
-    # Still stratified: each class's share of the test part within 2 points of the whole.
-    whole = pd.read_csv(validated.manifest_csv, dtype=str)["dx"].value_counts(normalize=True)
-    test = pd.read_csv(split.test_csv, dtype=str)["dx"].value_counts(normalize=True)
-    assert (test.reindex(whole.index, fill_value=0) - whole).abs().max() < 0.02
+    # Still stratified: class shares of the test part stray from the whole about as much as
+    # in a split of plain lesions (a class of 57 images puts about 8 in a 15% part).
+    manifest = pd.read_csv(validated.manifest_csv, dtype=str)
+    whole = manifest["dx"].value_counts(normalize=True)
+
+    def straying(test: pd.DataFrame) -> float:
+        shares = test["dx"].value_counts(normalize=True).reindex(whole.index, fill_value=0)
+        return float((shares - whole).abs().max())
+
+    by_lesion = split_by_lesion(manifest.drop(columns=SPLIT_GROUP_COLUMN))[2]
+    assert straying(pd.read_csv(split.test_csv, dtype=str)) <= straying(by_lesion) + 0.015
     assert split.near_duplicates.n_pairs == len(pairs)
 
 

@@ -15,8 +15,9 @@ test figure. This module finds such pairs and turns them into split groups:
 3. A second opinion confirms a candidate: the cosine of the two thumbnails, each colour
    channel standardised (so a colour shift or brightness change cancels), at least
    `min_similarity`. This removes most hash collisions between lesions that merely look
-   alike at 8x8 DCT coefficients. One photograph filed twice keeps its patient's sex and
-   body site; a pair whose known sex or site disagree needs the stricter
+   alike at 8x8 DCT coefficients. One photograph filed twice keeps its patient's sex, body
+   site and (within a few years) age; a pair whose known sex, site or age disagree needs the
+   stricter
    `min_similarity_other_patient` (a near-exact copy is still found, a look-alike of
    another patient is not).
 4. The lesions linked by confirmed pairs form connected components (`scipy.sparse.csgraph`);
@@ -56,6 +57,10 @@ PAIR_COLUMNS = ("image_id_a", "lesion_id_a", "dx_a", "image_id_b", "lesion_id_b"
                 "hamming", "similarity")
 # Rows of hashes compared with all others at once: 512 x 10,015 x 8 bytes = 41 MB.
 _BLOCK_ROWS = 512
+_COARSE_SIDE = 4
+# Years two records of one photograph's patient may differ by (a follow-up visit's photo
+# filed as a new lesion is taken a year or two later).
+AGE_TOLERANCE = 5.0
 
 
 def draft_request(width: int, height: int) -> tuple[int, int]:
@@ -114,7 +119,7 @@ def find_pairs(
     max_hamming: int,
     min_similarity: float,
     other: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    patients: tuple[np.ndarray, np.ndarray] | None = None,
+    patients: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     min_similarity_other_patient: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Confirmed near-duplicate pairs within one set of images, or between two.
@@ -128,9 +133,10 @@ def find_pairs(
         min_similarity: Smallest vector cosine that confirms a candidate.
         other: `(hashes, vectors, groups)` of a second set to pair the first with (every
             pair then has one image of each set; codes are compared across the sets).
-        patients: `(N, K)` and `(M, K)` integer codes of patient metadata (sex, body site),
-            -1 where unknown. A pair whose known codes disagree needs
-            `min_similarity_other_patient` instead of `min_similarity`.
+        patients: For each set, `(codes, ages)`: `(N, K)` integer codes of patient metadata
+            (sex, body site), -1 where unknown, and `(N,)` ages, NaN where unknown. A pair
+            whose known codes disagree, or whose ages are more than `AGE_TOLERANCE` years
+            apart, needs `min_similarity_other_patient` instead of `min_similarity`.
         min_similarity_other_patient: See `patients`.
 
     Returns:
@@ -139,6 +145,11 @@ def find_pairs(
     """
     within = other is None
     hashes_b, vectors_b, groups_b = (hashes, vectors, groups) if within else other
+    # A cheap, exact bound before the full similarity: for unit vectors, cosine >= s means
+    # |a - b|^2 <= 2 (1 - s), and an orthonormal projection never lengthens a - b.
+    coarse, coarse_b = coarse_projection(vectors), coarse_projection(vectors_b)
+    norms_b = (coarse_b * coarse_b).sum(axis=1)
+    radius = 2 * (1 - min_similarity) + 1e-4   # slack for float32 rounding
     found_i, found_j, found_d, found_s = [], [], [], []
     columns = np.arange(len(hashes_b))
     for start in range(0, len(hashes), _BLOCK_ROWS):
@@ -147,6 +158,9 @@ def find_pairs(
         candidate = (distance <= max_hamming) & (groups[rows, None] != groups_b[None, :])
         if within:
             candidate &= columns[None, :] > np.arange(start, start + len(distance))[:, None]
+        block = coarse[rows]
+        apart = (block * block).sum(axis=1)[:, None] + norms_b[None, :] - 2 * block @ coarse_b.T
+        candidate &= apart <= radius
         i, j = np.nonzero(candidate)
         if not len(i):
             continue
@@ -154,8 +168,11 @@ def find_pairs(
         similarity = np.einsum("nd,nd->n", vectors[i], vectors_b[j])
         needed = np.full(len(i), min_similarity, np.float32)
         if patients is not None:
-            a, b = patients[0][i], patients[1][j]
+            (codes_a, ages_a), (codes_b, ages_b) = patients
+            a, b = codes_a[i], codes_b[j]
             differ = ((a != b) & (a >= 0) & (b >= 0)).any(axis=1)
+            with np.errstate(invalid="ignore"):
+                differ |= np.abs(ages_a[i] - ages_b[j]) > AGE_TOLERANCE   # NaN: unknown
             needed[differ] = max(min_similarity, min_similarity_other_patient)
         keep = similarity >= needed
         found_i.append(i[keep])
@@ -167,6 +184,17 @@ def find_pairs(
         return empty, empty, empty, np.zeros(0, np.float32)
     return (np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d),
             np.concatenate(found_s))
+
+
+def coarse_projection(vectors: np.ndarray) -> np.ndarray:
+    """The lowest 4x4 2D DCT coefficients of each colour channel of the thumbnails, an
+    orthonormal projection of `similarity_vectors` (48 of 768 dimensions, most of the
+    energy of a smooth photo)."""
+    from scipy.fft import dctn
+
+    images = vectors.reshape(len(vectors), THUMB_SIDE, THUMB_SIDE, 3)
+    low = dctn(images, axes=(1, 2), norm="ortho")[:, :_COARSE_SIDE, :_COARSE_SIDE, :]
+    return np.ascontiguousarray(low.reshape(len(vectors), -1), dtype=np.float32)
 
 
 def lesion_groups(lesion_ids: Sequence[str], pairs: pd.DataFrame) -> dict[str, str]:
@@ -238,7 +266,7 @@ def check_near_duplicates(
     out_dir = Path(out_dir)
     lesion_codes, _ = pd.factorize(manifest["lesion_id"], sort=True)
     vectors = similarity_vectors(thumbs)
-    patient = _patient_codes(manifest)
+    patient = _patient_codes(manifest), _ages(manifest)
     i, j, distance, similarity = find_pairs(
         hashes, vectors, lesion_codes, max_hamming=cfg.max_hamming,
         min_similarity=cfg.min_similarity, patients=(patient, patient),
@@ -371,8 +399,8 @@ def _pairs_frame(left: pd.DataFrame, right: pd.DataFrame, i: np.ndarray, j: np.n
     return frame.sort_values(["image_id_a", "image_id_b"], kind="stable").reset_index(drop=True)
 
 
-# Metadata of the patient that one photograph keeps wherever it is filed. Age is left out:
-# it changes between the visits of a follow-up.
+# Metadata of the patient that one photograph keeps wherever it is filed (age, which moves
+# between the visits of a follow-up, is compared within AGE_TOLERANCE).
 PATIENT_COLUMNS = ("sex", "localization")
 _UNKNOWN = {"", "unknown", "nan"}
 
@@ -390,6 +418,14 @@ def _patient_codes(manifest: pd.DataFrame) -> np.ndarray:
         code, _ = pd.factorize(values.where(~values.isin(_UNKNOWN)), sort=True)
         codes.append(code.astype(np.int64))
     return np.stack(codes, axis=1)
+
+
+def _ages(manifest: pd.DataFrame) -> np.ndarray:
+    import pandas as pd
+
+    if "age" not in manifest.columns:
+        return np.full(len(manifest), np.nan)
+    return pd.to_numeric(manifest["age"], errors="coerce").to_numpy(dtype=float)
 
 
 def _paths_by_id(manifest: pd.DataFrame) -> dict[str, str]:
