@@ -51,6 +51,7 @@ def main() -> None:
                                  workers=args.workers, near_duplicates=cfg)
             timings[name] = time.perf_counter() - started
         manifest = pd.read_csv(validated.manifest_csv)
+        lesions_per_group = manifest.groupby("split_group")["lesion_id"].nunique()
         started = time.perf_counter()
         build_split_cache(manifest, size=224, out_dir=root / "cache", name="all",
                           workers=args.workers)
@@ -62,7 +63,10 @@ def main() -> None:
         print(f"  {name:15s} {seconds:7.1f} s ({args.images / seconds:6.0f} images/s)")
     print(f"  the check alone {check:7.1f} s = {check / timings['cache']:.2f}x the cache stage "
           f"(target <= 1.3x); validate+check = {timings['validate+check'] / timings['cache']:.2f}x")
-    print(f"  found: {found.n_pairs} pair(s), {found.n_lesions_merged} lesion(s) merged")
+    print(f"  found: {found.n_pairs} pair(s) among {args.images * (args.images - 1) // 2:,} "
+          f"pairs of images, {found.n_lesions_merged} of {len(set(manifest['lesion_id']))} "
+          f"lesions merged into {found.n_groups} groups, the largest of "
+          f"{lesions_per_group.max()} lesions")
 
 
 if __name__ == "__main__":
