@@ -34,6 +34,7 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
     split = cached(data.split)(validated, config.data, home)
     oversampled = cached(data.oversample)(split, config.data, home)
     reports.report_data(split, oversampled)
+    reports.report_near_duplicates(split)
     sizes = data.image_sizes(config)
     caches = {size: cached(data.cache_images)(split, oversampled, size, config.data, home,
                                               validated)

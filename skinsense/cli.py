@@ -32,7 +32,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from skinsense.data.synth import make_synthetic_ham10000
 
     out = make_synthetic_ham10000(Path(args.out), n_images=args.images, seed=args.seed,
-                                  isic_test_images=args.isic_test_images)
+                                  isic_test_images=args.isic_test_images,
+                                  near_duplicates=args.near_duplicates)
     print(f"wrote a synthetic HAM10000-format sample of {args.images} images to {out}")
     return 0
 
@@ -76,14 +77,42 @@ def cmd_fetch(args: argparse.Namespace) -> int:
           f"fingerprint {validated.fingerprint[:16]}, manifest {validated.manifest_csv}")
     for line in validated.bad_images[:20]:
         print(f"  left out: {line}")
+    from skinsense.data.duplicates import describe
+
+    print(describe(validated.near_duplicates))
     return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    from skinsense.config import NearDuplicateConfig
+    from skinsense.data.duplicates import describe
+    from skinsense.data.records import SPLIT_GROUP_COLUMN
     from skinsense.data.split import write_split
 
-    split = write_split(Path(args.metadata), Path(args.out), seed=args.seed,
+    metadata, found = Path(args.metadata), None
+    if args.images:
+        # The validate stage's check: each image decoded once, lesions linked by
+        # near-duplicate images kept in one part.
+        from skinsense.data.metadata import validate
+        from skinsense.data.records import FetchedData
+
+        validated = validate(
+            FetchedData(source=args.images, metadata_csv=metadata, images_dir=Path(args.images)),
+            out_dir=Path(args.out) / "validated", max_bad_fraction=args.max_bad_fraction,
+            near_duplicates=NearDuplicateConfig(enabled=not args.no_near_duplicates))
+        metadata, found = validated.manifest_csv, validated.near_duplicates
+    split = write_split(metadata, Path(args.out), seed=args.seed,
                         val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    if found is not None or args.images:
+        print(describe(found))
+    else:
+        import pandas as pd
+
+        columns = pd.read_csv(metadata, nrows=0).columns
+        print("near-duplicates across lesions: " + (
+            f"grouped as in the manifest's {SPLIT_GROUP_COLUMN} column"
+            if SPLIT_GROUP_COLUMN in columns else
+            "not checked (pass --images DIR to look for them before splitting)"))
     for part, counts in split.class_counts.items():
         print(f"{part}: {sum(counts.values())} images " +
               " ".join(f"{code}={n}" for code, n in counts.items()))
@@ -371,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--isic-test-images", type=int, default=0,
                    help="also write an ISIC 2018 Task 3 style test set of this many images")
+    p.add_argument("--near-duplicates", type=_non_negative, default=0, metavar="N",
+                   help="plant N near-duplicates (altered copies of images under new lesion "
+                        "ids), listed in planted_near_duplicates.csv")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("fetch", help="download (or read) and validate HAM10000")
@@ -386,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--images", help="folder of the images ({image_id}.jpg): find near-duplicate "
+                                    "images across lesion_ids and keep their lesions together")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="with --images: fail when more images than this are unreadable")
+    p.add_argument("--no-near-duplicates", action="store_true",
+                   help="with --images: only check the images, do not group near-duplicates")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("pipeline", help="run the whole Prefect flow")

@@ -28,6 +28,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class NearDuplicateConfig(_Strict):
+    """The validate stage's near-duplicate check across lesion_ids (see
+    `skinsense.data.duplicates`). Every setting is part of the data fingerprint."""
+
+    enabled: bool = Field(
+        True, description="Look for near-duplicate images filed under different lesion_ids "
+        "and keep the lesions they link in one part of the split.")
+    # Measured on 200 synthetic copies (re-encoded, resized 0.6-1.5x, cropped 1-3%, rotated
+    # 0.5-2 degrees, colour-shifted 8%; synth.COPY_BOUNDS): at most 18 of 64 bits apart.
+    max_hamming: int = Field(
+        20, ge=0, le=32, description="Largest perceptual-hash (pHash, 64 bits) distance of a "
+        "candidate pair.")
+    # The second opinion: cosine of the colour thumbnails (16x16, each channel standardised,
+    # so a colour shift cancels). Those copies score >= 0.972; distinct synthetic lesions of
+    # one patient (same sex and site) reach 0.96-0.98 when they are plain look-alike naevi.
+    min_similarity: float = Field(
+        0.965, gt=0, le=1, description="Smallest thumbnail similarity that confirms a pair.")
+    # Re-encoded or resized copies score >= 0.985 (no geometric or colour change); a
+    # pair of different sex, body site or age (5+ years apart) must be that close.
+    min_similarity_other_patient: float = Field(
+        0.985, gt=0, le=1, description="Smallest similarity that confirms a pair whose known "
+        "sex, body site or age differ.")
+    # A rotated or slightly cropped copy differs most at the frame's edges (black corners,
+    # lost rim); both signatures look at the central part only.
+    central_fraction: float = Field(
+        0.9, gt=0.5, le=1, description="Share of each side the signatures look at (centred).")
+
+
 class DataConfig(_Strict):
     """Where HAM10000 comes from and how it is split, oversampled and cached."""
 
@@ -82,6 +110,10 @@ class DataConfig(_Strict):
     )
     refresh: bool = Field(
         False, description="Re-verify downloads (MD5) and extract the images again."
+    )
+    near_duplicates: NearDuplicateConfig = Field(
+        default_factory=NearDuplicateConfig,
+        description="Near-duplicate images across lesion_ids, grouped before the split.",
     )
 
     @model_validator(mode="before")

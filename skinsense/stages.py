@@ -62,12 +62,14 @@ def fetch_data(cfg: DataConfig, home: Home, *, progress: bool = True) -> Fetched
 
 
 def validate_data(fetched: FetchedData, cfg: DataConfig, home: Home) -> ValidatedData:
-    """Check metadata and every image; bad images are reported and left out."""
+    """Check metadata and every image; bad images are reported and left out. The same decode
+    finds near-duplicate images across lesions (their lesions become one split group)."""
     from skinsense.data.metadata import validate
 
-    out_dir = home.datasets / f"validated-{_digest(fetched.model_dump(mode='json'))[:12]}"
-    return validate(fetched, out_dir=out_dir, max_bad_fraction=cfg.max_bad_fraction,
-                    workers=cfg.cache_workers)
+    key = _digest(fetched.model_dump(mode="json"), cfg.near_duplicates.model_dump(mode="json"))
+    return validate(fetched, out_dir=home.datasets / f"validated-{key[:12]}",
+                    max_bad_fraction=cfg.max_bad_fraction, workers=cfg.cache_workers,
+                    near_duplicates=cfg.near_duplicates)
 
 
 def split_data(validated: ValidatedData, cfg: DataConfig, home: Home) -> SplitData:
@@ -132,6 +134,14 @@ def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str],
                               ("test", split.test_csv)):
         tracking.log_dataset(run_id, manifest, name=f"HAM10000-{context}",
                              digest=split.fingerprint, context=context)
+    found = split.near_duplicates
+    if found is not None:
+        tracking.log_metrics(run_id, {"near_duplicate_pairs": found.n_pairs,
+                                      "near_duplicate_lesions_merged": found.n_lesions_merged,
+                                      "isic_test_near_duplicates": found.n_isic_test_images})
+        for path in (found.pairs_csv, found.preview_png, found.isic_test_pairs_csv):
+            if path is not None and Path(path).is_file():
+                tracking.log_artifact(run_id, Path(path), "near_duplicates")
     return run_id
 
 

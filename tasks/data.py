@@ -11,6 +11,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from skinsense import stages
 from skinsense.config import DataConfig, PipelineConfig
 from skinsense.data.dataverse import is_transient
+from skinsense.data.duplicates import describe as describe_near_duplicates
 from skinsense.data.records import (
     FetchedData,
     ImageCache,
@@ -56,6 +57,7 @@ def validate(fetched: FetchedData, cfg: DataConfig, home: Path) -> ValidatedData
           f"fingerprint {validated.fingerprint[:16]}")
     for line in validated.bad_images:
         print(f"left out: {line}")
+    print(describe_near_duplicates(validated.near_duplicates))
     return validated
 
 

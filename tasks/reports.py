@@ -12,6 +12,7 @@ from prefect.artifacts import (
 )
 
 from skinsense import reports, stages
+from skinsense.data import duplicates
 from skinsense.data.records import OversampledData, SplitData
 from skinsense.paths import Home
 from skinsense.lifecycle.registry import PromotionDecision
@@ -22,6 +23,14 @@ def report_data(split: SplitData, oversampled: OversampledData) -> None:
     create_table_artifact(reports.data_summary_rows(split, oversampled),
                           key="skinsense-data-summary",
                           description="Images per class and split, before and after oversampling")
+
+
+@task(name="report-near-duplicates")
+def report_near_duplicates(split: SplitData) -> None:
+    create_markdown_artifact(duplicates.markdown(split.near_duplicates),
+                             key="skinsense-near-duplicates",
+                             description="Near-duplicate images across lesion_ids, grouped "
+                                         "before the split")
 
 
 @task(name="report-metrics")

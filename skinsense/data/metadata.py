@@ -8,6 +8,7 @@ manifest the later stages read, and fingerprints the data from the same read of 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import multiprocessing
@@ -15,10 +16,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
+from skinsense.data import duplicates
 from skinsense.data.records import (
     IMAGE_PATH_COLUMN,
     METADATA_COLUMNS,
@@ -26,6 +30,9 @@ from skinsense.data.records import (
     ValidatedData,
 )
 from skinsense.labels import CLASS_CODES
+
+if TYPE_CHECKING:
+    from skinsense.config import NearDuplicateConfig
 
 MANIFEST_NAME = "manifest.csv"
 ISIC_TEST_MANIFEST_NAME = "isic_test_manifest.csv"
@@ -168,41 +175,53 @@ def dataset_fingerprint(metadata_bytes: bytes, image_hashes: Mapping[str, str]) 
     return digest.hexdigest()
 
 
-def _check_image(path: str) -> tuple[str | None, str | None]:
-    """Read, hash and decode one image: (sha256 hex or None, reason it is bad or None)."""
+def _check_image(
+    path: str, central_fraction: float | None = None
+) -> tuple[str | None, str | None, tuple | None]:
+    """Read, hash and decode one image: (sha256 hex or None, reason it is bad or None,
+    near-duplicate signature or None).
+
+    With `central_fraction`, the near-duplicate signature (`duplicates.signature`) is taken
+    from this same decode, so the check costs no second pass over the images.
+    """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        return None, "missing"
+        return None, "missing", None
     except OSError as exc:
-        return None, f"unreadable ({exc.strerror or exc})"
+        return None, f"unreadable ({exc.strerror or exc})", None
     image_hash = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as img:
             # Decoding at 1/8 scale is several times faster and still reads every scan,
             # so `load()` still fails on a truncated file.
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.draft("RGB", duplicates.draft_request(img.width, img.height))
             img.load()
+            found = (None if central_fraction is None
+                     else duplicates.signature(img, central_fraction))
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        return image_hash, f"corrupt ({type(exc).__name__}: {exc})"
-    return image_hash, None
+        return image_hash, f"corrupt ({type(exc).__name__}: {exc})", None
+    return image_hash, None, found
 
 
-def _check_chunk(paths: Sequence[str]) -> list[tuple[str | None, str | None]]:
-    return [_check_image(p) for p in paths]
+def _check_chunk(paths: Sequence[str], central_fraction: float | None = None
+                 ) -> list[tuple[str | None, str | None, tuple | None]]:
+    return [_check_image(p, central_fraction) for p in paths]
 
 
-def _check_images(paths: Sequence[str], workers: int | None) -> list[tuple[str | None, str | None]]:
+def _check_images(paths: Sequence[str], workers: int | None, central_fraction: float | None
+                  ) -> list[tuple[str | None, str | None, tuple | None]]:
     workers = workers or os.cpu_count() or 1
     chunks = [paths[i:i + _CHUNK_SIZE] for i in range(0, len(paths), _CHUNK_SIZE)]
+    check = functools.partial(_check_chunk, central_fraction=central_fraction)
     if workers == 1 or len(chunks) <= 1:
         # A pool costs more to start than one chunk takes to check.
-        return [r for chunk in chunks for r in _check_chunk(chunk)]
+        return [r for chunk in chunks for r in check(chunk)]
     # forkserver, not fork: the flow runs stages in threads, and forking a threaded
     # process can deadlock the child.
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
-        return [r for results in pool.map(_check_chunk, chunks) for r in results]
+        return [r for results in pool.map(check, chunks) for r in results]
 
 
 def _validate_part(
@@ -212,21 +231,26 @@ def _validate_part(
     max_bad_fraction: float,
     workers: int | None,
     what: str,
-) -> tuple[pd.DataFrame, dict[str, str], list[str], bytes]:
-    """Check one metadata CSV's images: (good rows + image_path, hashes of good, bad, bytes)."""
+    central_fraction: float | None = None,
+) -> tuple[pd.DataFrame, dict[str, str], list[str], bytes, list]:
+    """Check one metadata CSV's images: (good rows + image_path, hashes of good, bad, bytes,
+    near-duplicate signatures of the good rows, in order; empty without `central_fraction`)."""
     df = load_metadata(metadata_csv)
     metadata_bytes = Path(metadata_csv).read_bytes()
     images_dir = Path(images_dir).resolve()
     paths = [str(images_dir / f"{image_id}.jpg") for image_id in df["image_id"]]
-    results = _check_images(paths, workers)
+    results = _check_images(paths, workers, central_fraction)
 
     hashes: dict[str, str] = {}
     bad: list[str] = []
     good = []
-    for image_id, (image_hash, reason) in zip(df["image_id"], results, strict=True):
+    signatures = []
+    for image_id, (image_hash, reason, found) in zip(df["image_id"], results, strict=True):
         if reason is None:
             hashes[image_id] = image_hash
             good.append(True)
+            if found is not None:
+                signatures.append(found)
         else:
             bad.append(f"{image_id}: {reason}")
             good.append(False)
@@ -242,7 +266,7 @@ def _validate_part(
         )
     manifest = df.loc[good].reset_index(drop=True)
     manifest[IMAGE_PATH_COLUMN] = [p for p, ok in zip(paths, good, strict=True) if ok]
-    return manifest, hashes, bad, metadata_bytes
+    return manifest, hashes, bad, metadata_bytes, signatures
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -265,12 +289,14 @@ def validate(
     out_dir: Path,
     max_bad_fraction: float,
     workers: int | None = None,
+    near_duplicates: NearDuplicateConfig | None = None,
 ) -> ValidatedData:
     """Check the fetched data and write the manifests the later stages read.
 
     Every image listed in the metadata must be `{images_dir}/{image_id}.jpg` and decode.
     Missing or corrupt images are reported and left out of the manifest. Each file is read
-    once: the same bytes are hashed for the fingerprint and decoded.
+    once: the same bytes are hashed for the fingerprint and decoded, and the same decode
+    gives the near-duplicate signature (`skinsense.data.duplicates`).
 
     Args:
         fetched: What the fetch stage left on disk.
@@ -278,6 +304,9 @@ def validate(
             when the ISIC 2018 test set was fetched, `isic_test_manifest.csv`.
         max_bad_fraction: Largest tolerated fraction of bad images (per image set).
         workers: Worker processes for decoding; None means all cores.
+        near_duplicates: Settings of the near-duplicate check across lesions; None or
+            disabled skips it. When it runs, the manifest gains `split_group` and the
+            settings join the fingerprint.
 
     Returns:
         The manifests, counts, bad images and fingerprint. The fingerprint covers the
@@ -291,13 +320,13 @@ def validate(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest, hashes, bad, metadata_bytes = _validate_part(
-        fetched.metadata_csv, fetched.images_dir,
-        max_bad_fraction=max_bad_fraction, workers=workers, what=str(fetched.metadata_csv),
+    check = near_duplicates is not None and near_duplicates.enabled
+    central = near_duplicates.central_fraction if check else None
+    manifest, hashes, bad, metadata_bytes, signatures = _validate_part(
+        fetched.metadata_csv, fetched.images_dir, max_bad_fraction=max_bad_fraction,
+        workers=workers, what=str(fetched.metadata_csv), central_fraction=central,
     )
     fingerprint = dataset_fingerprint(metadata_bytes, hashes)
-    manifest_csv = out_dir / MANIFEST_NAME
-    write_csv_atomic(manifest, manifest_csv)
 
     isic_manifest_csv = None
     if fetched.isic_test_metadata_csv is not None:
@@ -306,10 +335,10 @@ def validate(
                 f"{fetched.isic_test_metadata_csv}: ISIC test labels without an images "
                 "folder; re-fetch with `skinsense fetch --refresh`"
             )
-        isic, isic_hashes, isic_bad, isic_bytes = _validate_part(
+        isic, isic_hashes, isic_bad, isic_bytes, isic_signatures = _validate_part(
             fetched.isic_test_metadata_csv, fetched.isic_test_images_dir,
             max_bad_fraction=max_bad_fraction, workers=workers,
-            what=str(fetched.isic_test_metadata_csv),
+            what=str(fetched.isic_test_metadata_csv), central_fraction=central,
         )
         # Chain the two fingerprints: the test set is part of what a model is judged on.
         fingerprint = hashlib.sha256(
@@ -319,6 +348,20 @@ def validate(
         write_csv_atomic(isic, isic_manifest_csv)
         bad = bad + [f"isic_test/{b}" for b in isic_bad]
 
+    found = None
+    if check:
+        # The grouping depends on these settings, so they belong to what identifies the data.
+        fingerprint = hashlib.sha256(
+            f"{fingerprint}\n{duplicates.fingerprint_suffix(near_duplicates)}".encode()
+        ).hexdigest()
+        isic_part = (None if isic_manifest_csv is None
+                     else (isic, *_stack_signatures(isic_signatures)))
+        manifest, found = duplicates.check_near_duplicates(
+            manifest, *_stack_signatures(signatures), near_duplicates, out_dir,
+            isic=isic_part)
+    manifest_csv = out_dir / MANIFEST_NAME
+    write_csv_atomic(manifest, manifest_csv)
+
     return ValidatedData(
         manifest_csv=manifest_csv.resolve(),
         fingerprint=fingerprint,
@@ -327,4 +370,14 @@ def validate(
         bad_images=bad[:_MAX_BAD_KEPT],
         class_counts=class_counts(manifest["dx"]),
         isic_test_manifest_csv=isic_manifest_csv.resolve() if isic_manifest_csv else None,
+        near_duplicates=found,
     )
+
+
+def _stack_signatures(signatures: list) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes (N,) uint64, thumbnails (N, 16, 16, 3) uint8) from per-image signatures."""
+    side = duplicates.THUMB_SIDE
+    if not signatures:
+        return np.zeros(0, np.uint64), np.zeros((0, side, side, 3), np.uint8)
+    return (np.array([h for h, _ in signatures], dtype=np.uint64),
+            np.stack([t for _, t in signatures]))

@@ -16,6 +16,27 @@ METADATA_COLUMNS: tuple[str, ...] = (
 # Manifests (validated metadata, splits) carry the metadata columns plus these.
 IMAGE_PATH_COLUMN = "image_path"          # absolute path of the JPEG
 SOURCE_IMAGE_COLUMN = "source_image_id"   # for an oversampled copy: the image it came from
+# The unit of the split: lesions linked by near-duplicate images share one (the smallest
+# lesion_id of the group); a lesion without near-duplicates is its own group.
+SPLIT_GROUP_COLUMN = "split_group"
+
+
+class NearDuplicates(BaseModel):
+    """What the near-duplicate check found (see `skinsense.data.duplicates`)."""
+
+    settings: dict                   # the check's settings (part of the data fingerprint)
+    pairs_csv: Path                  # image and lesion ids of both images, distance, similarity
+    n_pairs: int
+    n_lesions_merged: int            # lesions that share a split group with another lesion
+    n_groups: int                    # groups of two or more lesions
+    signatures_npz: Path             # each image's hash and thumbnail, in manifest order
+    preview_png: Path | None = None  # a few pairs side by side
+    # The ISIC 2018 test set against HAM10000 (when fetched).
+    isic_test_pairs_csv: Path | None = None
+    n_isic_test_pairs: int = 0
+    n_isic_test_images: int = 0      # test images that nearly duplicate a HAM10000 image
+    # Filled by the split: test images whose near-duplicate is in the training part.
+    n_isic_test_near_train: int | None = None
 
 
 class FetchedData(BaseModel):
@@ -38,6 +59,7 @@ class ValidatedData(BaseModel):
     bad_images: list[str] = []       # "image_id: reason", at most a few hundred kept
     class_counts: dict[str, int]
     isic_test_manifest_csv: Path | None = None
+    near_duplicates: NearDuplicates | None = None
 
 
 class SplitData(BaseModel):
@@ -49,6 +71,7 @@ class SplitData(BaseModel):
     seed: int
     fingerprint: str                 # of the data the split was made from
     class_counts: dict[str, dict[str, int]]   # part -> dx -> images
+    near_duplicates: NearDuplicates | None = None   # what grouped the lesions, if checked
 
 
 class OversampledData(BaseModel):

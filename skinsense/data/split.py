@@ -22,7 +22,7 @@ from skinsense.data.metadata import (
     load_metadata,
     write_csv_atomic,
 )
-from skinsense.data.records import SplitData, ValidatedData
+from skinsense.data.records import SPLIT_GROUP_COLUMN, SplitData, ValidatedData
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,39 @@ PART_NAMES = ("train", "val", "test")
 _MAX_SIZE_BUCKET = 3
 
 
+def _unit(df: pd.DataFrame) -> str:
+    """The column whose values are split as wholes: `split_group` when the near-duplicate
+    check made one (lesions linked by near-duplicate images), else `lesion_id`."""
+    return SPLIT_GROUP_COLUMN if SPLIT_GROUP_COLUMN in df.columns else "lesion_id"
+
+
 def _lesion_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per lesion (sorted by lesion_id): its dx and number of images."""
-    lesions = df.groupby("lesion_id", sort=True).agg(
-        dx=("dx", "first"), n_dx=("dx", "nunique"), n_images=("image_id", "size")
+    """One row per split unit (sorted): its dx and number of images.
+
+    A unit is a lesion, or a group of lesions linked by near-duplicate images. A lesion
+    has one dx (`load_metadata` checks it); a group may join lesions of different dx (one
+    photograph filed twice with two diagnoses), and is then stratified by its most common
+    dx (ties: the first class code in alphabetical order).
+    """
+    unit = _unit(df)
+    lesions = df.groupby(unit, sort=True).agg(
+        dx=("dx", _most_common), n_dx=("dx", "nunique"), n_images=("image_id", "size")
     )
     mixed = lesions.index[lesions["n_dx"] > 1]
-    if len(mixed):
+    if len(mixed) and unit == "lesion_id":
         raise ValueError(
             f"{len(mixed)} lesion(s) have images of different dx (e.g. {list(mixed[:3])}); "
             "a lesion-level split needs one dx per lesion (see load_metadata)"
         )
+    if len(mixed):
+        log.warning("%d group(s) of near-duplicate lesions join different dx (e.g. %s); each "
+                    "is stratified by its most common dx", len(mixed), list(mixed[:3]))
     return lesions
+
+
+def _most_common(dx: pd.Series) -> str:
+    counts = dx.value_counts()
+    return str(min(counts.index[counts == counts.max()]))
 
 
 def _strata(lesions: pd.DataFrame, test_size: float) -> np.ndarray:
@@ -85,7 +106,7 @@ def _split_lesions(
 
 
 def _rows_of(df: pd.DataFrame, lesion_ids: np.ndarray) -> pd.DataFrame:
-    part = df[df["lesion_id"].isin(set(lesion_ids))]
+    part = df[df[_unit(df)].isin(set(lesion_ids))]
     # Sorted by image_id so that a part's file is the same whatever the input order.
     return part.sort_values("image_id", kind="stable").reset_index(drop=True)
 
@@ -99,6 +120,8 @@ def split_by_lesion(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Split images into train/val/test so that no lesion is in two parts.
 
+    With a `split_group` column (the validate stage's near-duplicate check), whole groups
+    of lesions are split instead, so that no near-duplicate pair straddles two parts.
     Lesions are stratified by dx and by how many images they have (1, 2, 3+), then split
     with scikit-learn's `train_test_split`: first test from the rest, then val from the
     remainder. Fractions are of lesions; image fractions follow closely.
@@ -135,18 +158,22 @@ def split_with_test_set(
     *,
     val_fraction: float = 0.15,
     seed: int = 42,
+    near_test_lesions: set[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Use an external test set (the official ISIC 2018 Task 3 test set) as the test part.
 
     `df` (HAM10000) is split into train and val by lesion, stratified as in
     `split_by_lesion`. Any HAM10000 image or lesion that also appears in `test_df` is
-    dropped from train/val (with a warning), so the test set never leaks into training.
+    dropped from train/val (with a warning), so the test set never leaks into training;
+    so is every lesion in `near_test_lesions` (HAM10000 lesions with an image that nearly
+    duplicates a test image), with its whole split group.
 
     Args:
         df: HAM10000 metadata or manifest rows.
         test_df: The test set's rows, same columns.
         val_fraction: Fraction of HAM10000 lesions for validation.
         seed: Seed of the split.
+        near_test_lesions: HAM10000 lesion_ids to keep out of train and val.
 
     Returns:
         (train, val, test), each sorted by image_id.
@@ -154,9 +181,14 @@ def split_with_test_set(
     overlap = df["image_id"].isin(set(test_df["image_id"])) | df["lesion_id"].isin(
         set(test_df["lesion_id"])
     )
+    if near_test_lesions:
+        unit = _unit(df)
+        near_units = set(df.loc[df["lesion_id"].isin(near_test_lesions), unit])
+        overlap |= df[unit].isin(near_units)
     if overlap.any():
         log.warning(
-            "dropping %d HAM10000 image(s) whose image or lesion is in the test set",
+            "dropping %d HAM10000 image(s) whose image or lesion is in the test set, or "
+            "nearly duplicates a test image",
             int(overlap.sum()),
         )
         df = df.loc[~overlap]
@@ -215,6 +247,7 @@ def write_split(
     train_fraction: float = 1.0,
     test_df: pd.DataFrame | None = None,
     fingerprint: str | None = None,
+    near_test_lesions: set[str] | None = None,
 ) -> SplitData:
     """Split `df` by lesion and write `train.csv`, `val.csv` and `test.csv` to `out_dir`.
 
@@ -231,6 +264,8 @@ def write_split(
         train_fraction: Keep this fraction of each class of the training part only.
         test_df: An external test set to use as the test part (see `split_with_test_set`).
         fingerprint: Fingerprint of the data; None computes one from `df`'s rows alone.
+        near_test_lesions: With `test_df`: HAM10000 lesions kept out of train and val
+            because an image of theirs nearly duplicates a test image.
 
     Returns:
         Paths of the parts, the seed, the fingerprint and images per class in each part.
@@ -238,7 +273,8 @@ def write_split(
     if not isinstance(df, pd.DataFrame):
         df = load_metadata(df)
     if test_df is not None:
-        train, val, test = split_with_test_set(df, test_df, val_fraction=val_fraction, seed=seed)
+        train, val, test = split_with_test_set(df, test_df, val_fraction=val_fraction,
+                                               seed=seed, near_test_lesions=near_test_lesions)
     else:
         train, val, test = split_by_lesion(
             df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
@@ -284,7 +320,8 @@ def run_split(validated: ValidatedData, cfg: DataConfig, out_dir: Path) -> Split
         ValueError: `isic_test_as_test` is set but the ISIC test set was not validated.
     """
     df = load_metadata(validated.manifest_csv)
-    test_df = None
+    found = validated.near_duplicates
+    test_df = near_test = None
     if cfg.isic_test_as_test:
         if validated.isic_test_manifest_csv is None:
             raise ValueError(
@@ -292,7 +329,10 @@ def run_split(validated: ValidatedData, cfg: DataConfig, out_dir: Path) -> Split
                 "fetch with include_isic_test=True (or unset isic_test_as_test)"
             )
         test_df = load_metadata(validated.isic_test_manifest_csv)
-    return write_split(
+        if found is not None and found.isic_test_pairs_csv is not None:
+            pairs = pd.read_csv(found.isic_test_pairs_csv, dtype=str)
+            near_test = set(pairs["lesion_id_b"])
+    split = write_split(
         df,
         out_dir,
         seed=cfg.split_seed,
@@ -301,4 +341,12 @@ def run_split(validated: ValidatedData, cfg: DataConfig, out_dir: Path) -> Split
         train_fraction=cfg.train_fraction,
         test_df=test_df,
         fingerprint=validated.fingerprint,
+        near_test_lesions=near_test,
     )
+    if found is not None:
+        from skinsense.data.duplicates import isic_test_near_train
+
+        train_ids = pd.read_csv(split.train_csv, dtype={"image_id": str})["image_id"]
+        split.near_duplicates = found.model_copy(
+            update={"n_isic_test_near_train": isic_test_near_train(found, train_ids)})
+    return split

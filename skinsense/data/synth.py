@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +41,18 @@ ISIC_TEST_IMAGES_ZIP = "ISIC2018_Task3_Test_Images.zip"
 ISIC_TEST_GROUND_TRUTH_CSV = "ISIC2018_Task3_Test_GroundTruth.csv"
 # The real test archive keeps its images in a folder named after the archive.
 ISIC_TEST_IMAGES_FOLDER = "ISIC2018_Task3_Test_Images"
+# Which planted near-duplicate copies which image, and how (see `near_duplicate_copy`).
+PLANTED_NEAR_DUPLICATES_CSV = "planted_near_duplicates.csv"
+# How far a planted copy may stray from its source: the bounds the near-duplicate check
+# (`skinsense.data.duplicates`) is held to.
+COPY_BOUNDS = {
+    "scale": (0.6, 1.5),          # resized to this factor of the source's size
+    "crop": (0.01, 0.03),         # this share of each side's length cut off, split at random
+    "angle": (0.5, 2.0),          # rotated by this many degrees, either way
+    "gain": 0.08,                 # each colour channel times 1 +- this (a colour shift)
+    "offset": 8.0,                # plus up to this many grey levels, all channels
+    "quality": (60, 92),          # re-encoded at this JPEG quality
+}
 
 # Real HAM10000 image counts per class (sum 10,015), in CLASS_CODES order.
 HAM10000_CLASS_COUNTS: dict[str, int] = {
@@ -153,6 +165,7 @@ def make_synthetic_ham10000(
     image_size: tuple[int, int] = (600, 450),
     isic_test_images: int = 0,
     metadata: pd.DataFrame | None = None,
+    near_duplicates: int = 0,
 ) -> Path:
     """Write a synthetic HAM10000 sample laid out like the Dataverse files.
 
@@ -168,6 +181,11 @@ def make_synthetic_ham10000(
         metadata: Draw one image for each row of this HAM10000-format metadata (e.g. the
             real `HAM10000_metadata.csv`, so that its lesion groups and classes are kept)
             instead of drawing metadata; `n_images` is then its number of rows.
+        near_duplicates: Plant this many near-duplicates: copies of randomly chosen images
+            (each at most once), re-encoded, resized, cropped, rotated and colour-shifted
+            within `COPY_BOUNDS`, filed under new image and lesion ids with the source's
+            diagnosis and patient metadata, as a photograph filed twice would be. They come
+            on top of the `n_images` and are listed in `planted_near_duplicates.csv`.
 
     Returns:
         `out_dir` as a Path.
@@ -182,6 +200,9 @@ def make_synthetic_ham10000(
                              f"from a HAM10000_metadata.csv")
         n_images = len(metadata)
     _validate_args(n_images, image_size, workers, isic_test_images)
+    if not isinstance(near_duplicates, (int, np.integer)) or not 0 <= near_duplicates <= n_images:
+        raise ValueError(f"near_duplicates must be an integer within 0..n_images ({n_images}), "
+                         f"got {near_duplicates!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     width, height = int(image_size[0]), int(image_size[1])
@@ -191,15 +212,27 @@ def make_synthetic_ham10000(
         metadata = make_synthetic_metadata(n_images, seed=seed)
     else:
         metadata = metadata[list(METADATA_COLUMNS)].reset_index(drop=True)
+    jobs_of_sources = _image_jobs(metadata, seed=seed, stream=0, width=width, height=height)
+    copies = None
+    if near_duplicates:
+        metadata, copies = _plant_near_duplicates(metadata, jobs_of_sources, near_duplicates,
+                                                  seed=seed)
     # Images go to the two parts in image_id order, like the real archives.
     ordered = metadata.sort_values("image_id", kind="stable").reset_index(drop=True)
-    n_part_1 = int(round(n_images * _PART_1_FRACTION))
-    jobs = _image_jobs(ordered, seed=seed, stream=0, width=width, height=height)
+    n_part_1 = int(round(len(ordered) * _PART_1_FRACTION))
+    jobs = _image_jobs(ordered, seed=seed, stream=0, width=width, height=height,
+                       copies=copies)
     _write_zips(
         jobs,
         [(out / IMAGES_PART_1_ZIP, n_part_1, ""), (out / IMAGES_PART_2_ZIP, None, "")],
         workers=workers,
     )
+    if copies is not None:
+        planted = pd.DataFrame(
+            [{"image_id": image_id, "lesion_id": lesion, "source_image_id": source.name[:-4],
+              "source_lesion_id": source_lesion}
+             for image_id, (source, lesion, source_lesion, _) in sorted(copies.items())])
+        _write_csv_atomic(planted, out / PLANTED_NEAR_DUPLICATES_CSV)
     # The metadata goes last: a folder with it is a complete sample.
     _write_csv_atomic(metadata, out / METADATA_CSV)
 
@@ -208,7 +241,7 @@ def make_synthetic_ham10000(
         test_meta = make_synthetic_metadata(
             isic_test_images, seed=seed + 1_000_003, class_counts=ISIC_TEST_CLASS_COUNTS,
             # Above the HAM10000 numbers, so that the two sets never share an id.
-            first_image_number=max(_FIRST_TEST_IMAGE_NUMBER, _FIRST_IMAGE_NUMBER + n_images),
+            first_image_number=max(_FIRST_TEST_IMAGE_NUMBER, _FIRST_IMAGE_NUMBER + len(metadata)),
             first_lesion_number=max(10000, last_lesion + 1),
         )
         test_ordered = test_meta.sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -368,12 +401,23 @@ class _ImageJob:
     seed: int
     width: int
     height: int
+    copy_key: int = -1   # >= 0: a planted near-duplicate of the image this job draws
 
 
 def _image_jobs(
-    ordered: pd.DataFrame, *, seed: int, stream: int, width: int, height: int
+    ordered: pd.DataFrame, *, seed: int, stream: int, width: int, height: int,
+    copies: dict | None = None,
 ) -> list[_ImageJob]:
     lesion_keys = {lid: int(lid[4:]) for lid in ordered["lesion_id"].unique()}
+    if copies:
+        # A copy draws its source's photo (then alters it), under its own name.
+        return [
+            replace(copies[image_id][0], name=f"{image_id}.jpg", copy_key=copies[image_id][3])
+            if image_id in copies else job
+            for image_id, job in zip(ordered["image_id"],
+                                     _image_jobs(ordered, seed=seed, stream=stream, width=width,
+                                                 height=height), strict=True)
+        ]
     return [
         _ImageJob(
             name=f"{image_id}.jpg",
@@ -443,6 +487,57 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     os.replace(part, path)
 
 
+def _plant_near_duplicates(
+    metadata: pd.DataFrame, jobs: list[_ImageJob], count: int, *, seed: int
+) -> tuple[pd.DataFrame, dict]:
+    """Metadata with `count` copies added under new ids, and what each copy draws.
+
+    Returns:
+        (metadata, {copy image_id: (source job, copy lesion_id, source lesion_id, key)}).
+    """
+    rng = np.random.default_rng([seed, 8])
+    sources = np.sort(rng.choice(len(metadata), size=count, replace=False))
+    last_image = int(metadata["image_id"].str[5:].astype(int).max())
+    last_lesion = int(metadata["lesion_id"].str[4:].astype(int).max())
+    rows, copies = [], {}
+    for k, row_index in enumerate(sources):
+        source = metadata.iloc[int(row_index)]
+        image_id, lesion_id = f"ISIC_{last_image + 1 + k:07d}", f"HAM_{last_lesion + 1 + k:07d}"
+        rows.append({**source.to_dict(), "image_id": image_id, "lesion_id": lesion_id})
+        copies[image_id] = (jobs[int(row_index)], lesion_id, source["lesion_id"], k)
+    planted = pd.concat([metadata, pd.DataFrame(rows, columns=metadata.columns)],
+                        ignore_index=True)
+    return (planted.sort_values(["lesion_id", "image_id"], kind="stable")
+            .reset_index(drop=True), copies)
+
+
+def near_duplicate_copy(image: Image.Image, rng: np.random.Generator) -> bytes:
+    """A near-duplicate of a photo as JPEG bytes: rotated, cropped, colour-shifted, resized
+    and re-encoded, each by a random amount within `COPY_BOUNDS`.
+
+    The rotation's corners are filled with black, as an image editor leaves them.
+    """
+    bounds = COPY_BOUNDS
+    width, height = image.size
+    angle = float(rng.uniform(*bounds["angle"]) * rng.choice([-1, 1]))
+    image = image.convert("RGB").rotate(angle, resample=Image.Resampling.BILINEAR)
+    crop = rng.uniform(*bounds["crop"], size=2)             # share cut off, x and y
+    left, top = rng.uniform(0, 1, 2) * crop * (width, height)
+    box = (round(left), round(top), round(left + width * (1 - crop[0])),
+           round(top + height * (1 - crop[1])))
+    image = image.crop(box)
+    pixels = np.asarray(image, np.float32) * rng.uniform(1 - bounds["gain"], 1 + bounds["gain"], 3)
+    pixels += rng.uniform(-bounds["offset"], bounds["offset"])
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    scale = rng.uniform(*bounds["scale"])
+    image = image.resize((max(16, round(image.width * scale)), max(16, round(image.height * scale))),
+                         Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(rng.integers(bounds["quality"][0],
+                                                        bounds["quality"][1] + 1)))
+    return buffer.getvalue()
+
+
 def _render_chunk(jobs: list[_ImageJob]) -> list[tuple[str, bytes]]:
     return [(job.name, _render_jpeg(job)) for job in jobs]
 
@@ -474,6 +569,8 @@ _GRAIN = 6
 
 def _render_jpeg(job: _ImageJob) -> bytes:
     image = _render_image(job)
+    if job.copy_key >= 0:
+        return near_duplicate_copy(image, np.random.default_rng([job.seed, 6, job.copy_key]))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=_JPEG_QUALITY)
     return buffer.getvalue()
