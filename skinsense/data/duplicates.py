@@ -37,7 +37,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from skinsense.data.records import IMAGE_PATH_COLUMN, SPLIT_GROUP_COLUMN, NearDuplicates
+from skinsense.data.records import (
+    IMAGE_PATH_COLUMN,
+    SPLIT_GROUP_COLUMN,
+    NearDuplicates,
+    write_csv_atomic,
+)
 
 if TYPE_CHECKING:  # decoding workers import this module; pandas would add 0.25 s to each
     import pandas as pd
@@ -433,6 +438,4 @@ def _paths_by_id(manifest: pd.DataFrame) -> dict[str, str]:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    from skinsense.data.metadata import write_csv_atomic
-
     write_csv_atomic(frame, path)

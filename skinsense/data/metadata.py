@@ -28,6 +28,7 @@ from skinsense.data.records import (
     METADATA_COLUMNS,
     FetchedData,
     ValidatedData,
+    write_csv_atomic,  # also imported from here by split and oversample
 )
 from skinsense.labels import CLASS_CODES
 
@@ -267,14 +268,6 @@ def _validate_part(
     manifest = df.loc[good].reset_index(drop=True)
     manifest[IMAGE_PATH_COLUMN] = [p for p, ok in zip(paths, good, strict=True) if ok]
     return manifest, hashes, bad, metadata_bytes, signatures
-
-
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write `df` without its index to `path` via a temporary file and a rename."""
-    # A crash then never leaves a half manifest that looks complete.
-    tmp = path.with_name(path.name + ".part")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def class_counts(dx: Iterable[str]) -> dict[str, int]:

@@ -5,6 +5,8 @@ Prefect tasks return these, so they stay small, picklable and JSON-friendly.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -106,3 +108,11 @@ class ImageCache(BaseModel):
     test: CachedSplit
     # The official ISIC 2018 Task 3 test set, when fetched but not used as the test part.
     isic_test: CachedSplit | None = None
+
+
+def write_csv_atomic(df, path: Path) -> None:
+    """Write the DataFrame `df` without its index to `path` via a temporary file and a rename."""
+    # A crash then never leaves a half manifest that looks complete.
+    tmp = path.with_name(path.name + ".part")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
