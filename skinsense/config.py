@@ -352,6 +352,16 @@ class ServeConfig(_Strict):
     gate: bool = Field(
         True, description="Check image quality and the out-of-domain gate before answering; "
         "off classifies every image, as before the gate existed.")
+    # The log is what monitoring reads (skinsense-monitor); off only to measure its cost.
+    log_predictions: bool = Field(
+        True, description="Append every answer (refusals too) to the prediction log "
+        "(SKINSENSE_LOG_DATABASE_URL, else SQLite under SKINSENSE_HOME/monitoring).")
+    # Uploads are health data: nothing is kept unless the operator decides to.
+    keep_images: bool = Field(
+        False, description="Keep each answered upload (SKINSENSE_HOME/monitoring/images), "
+        "so confirmed diagnoses can become training data.")
+    keep_images_days: int = Field(
+        30, ge=1, le=3650, description="Delete kept uploads after this many days.")
 
 
 class PipelineConfig(_Strict):
