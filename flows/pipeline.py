@@ -9,7 +9,7 @@ from prefect.runtime import flow_run
 from flows.local_server import temporary_server_settings
 from skinsense.config import PipelineConfig
 from skinsense.paths import Home
-from tasks import data, fanout, registry, reports, training
+from tasks import data, fanout, feedback, registry, reports, training
 
 
 @flow(name="skinsense-pipeline", log_prints=True)
@@ -32,6 +32,9 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
     fetched = cached(data.fetch)(config.data, home)
     validated = cached(data.validate)(fetched, config.data, home)
     split = cached(data.split)(validated, config.data, home)
+    if config.data.extra_sources:  # confirmed cases etc.: training part only
+        split = cached(feedback.add_extra_sources)(
+            split, feedback.export_extra_sources(config.data, home), home)
     oversampled = cached(data.oversample)(split, config.data, home)
     reports.report_data(split, oversampled)
     sizes = data.image_sizes(config)

@@ -83,6 +83,10 @@ class DataConfig(_Strict):
     refresh: bool = Field(
         False, description="Re-verify downloads (MD5) and extract the images again."
     )
+    extra_sources: list[Literal["feedback"]] = Field(
+        [], description="Data sources added to the training part only, never to validation "
+        "or test: 'feedback' is the confirmed diagnoses with kept images "
+        "(docs/OPERATIONS.md, After deployment).")
 
     @model_validator(mode="before")
     @classmethod
@@ -362,6 +366,9 @@ class ServeConfig(_Strict):
         "so confirmed diagnoses can become training data.")
     keep_images_days: int = Field(
         30, ge=1, le=3650, description="Delete kept uploads after this many days.")
+    feedback: bool = Field(
+        True, description="Show the form for confirmed diagnoses; it needs a login whenever "
+        "the app listens beyond loopback (SKINSENSE_FEEDBACK_AUTH or the stack's login).")
 
 
 class PipelineConfig(_Strict):

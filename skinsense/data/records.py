@@ -49,6 +49,8 @@ class SplitData(BaseModel):
     seed: int
     fingerprint: str                 # of the data the split was made from
     class_counts: dict[str, dict[str, int]]   # part -> dx -> images
+    # data.extra_sources added to the training part only: source name -> its fingerprint
+    extra_sources: dict[str, str] = {}
 
 
 class OversampledData(BaseModel):

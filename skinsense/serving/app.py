@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse
 from skinsense.config import ServeConfig, skinsense_home
 from skinsense.labels import BY_CODE
 from skinsense.models import NoExplanationError
+from skinsense.serving.feedback_form import build_feedback_form
 from skinsense.serving.loading import LoadedModel
 from skinsense.serving.prediction_log import PredictionLog
 from skinsense.serving.predictor import Assessment, ImageRejected
@@ -355,6 +356,8 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig,
         examples = [str(p) for p in example_images()]
         if examples:
             gr.Examples(examples=examples, inputs=image, label=EXAMPLES_LABEL)
+        if cfg.feedback:
+            build_feedback_form(image, cfg, skinsense_home())
         # A callable value is evaluated on every page load, so the footer follows a swap.
         gr.Markdown(lambda: footer_text(holder.current), elem_id="model-footer")
 
@@ -476,4 +479,6 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 7860,
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The feedback form's login rule follows where the app really listens.
+    cfg = (cfg or serve_config_from_env()).model_copy(update={"host": host})
     uvicorn.run(create_server(model_uri, cfg), host=host, port=port, log_level="info")
