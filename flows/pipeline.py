@@ -14,15 +14,20 @@ from tasks import data, fanout, feedback, registry, reports, training
 
 @flow(name="skinsense-pipeline", log_prints=True)
 def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
-                       refresh_data: bool = False) -> dict:
+                       refresh_data: bool = False,
+                       triggered_by: dict | None = None) -> dict:
     """Fetch -> validate -> split -> oversample -> cache -> train/evaluate each architecture
     -> register the best -> promote if better -> deploy the app serving the champion.
 
     Args:
         config: every setting of the run (the Prefect UI renders it as a form).
         refresh_data: run the data stages again instead of reusing their cached results.
+        triggered_by: the event that started the run (set by the deployment's triggers in
+            prefect.yaml: name, id, time and payload); empty for schedules and manual runs.
     """
     home = Home.default().ensure().root
+    if triggered_by:
+        print(f"started by the event {triggered_by.get('event')} ({triggered_by.get('id')})")
     if config.train.fan_out:
         fanout.check_work_pool()
 
