@@ -11,11 +11,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from skinsense.config import MonitorConfig
-from skinsense.monitoring.monitor import MonitorResult, run_monitor
+from skinsense.monitoring.monitor import DRIFT_EVENT, FEEDBACK_EVENT, MonitorResult, run_monitor
 from skinsense.paths import Home
-
-DRIFT_EVENT = "skinsense.drift.detected"
-FEEDBACK_EVENT = "skinsense.feedback.ready"
 
 
 @task(name="compare-window")

@@ -22,6 +22,10 @@ from skinsense.monitoring.feedback import confirmed_cases
 from skinsense.monitoring.reference import load_reference
 from skinsense.paths import Home
 
+# The Prefect events the monitoring flow emits (prefect.yaml's triggers listen for them).
+DRIFT_EVENT = "skinsense.drift.detected"
+FEEDBACK_EVENT = "skinsense.feedback.ready"
+
 
 class MonitorResult(BaseModel):
     """What one monitoring run found (small: the flow's result and the events' payloads)."""
