@@ -23,6 +23,10 @@ TRAIN_DEPLOYMENT = f"train-architecture/{TRAIN_DEPLOYMENT_NAME}"
 # shared SKINSENSE_HOME; the pipeline reads them back wherever it runs.
 RESULT_STORAGE_ENV = "SKINSENSE_RESULT_STORAGE"
 
+# Defaults of the served pipeline deployments' `config` (JSON of a partial PipelineConfig),
+# e.g. a local data source: what schedule- and event-started runs use.
+PIPELINE_DEFAULTS_ENV = "SKINSENSE_PIPELINE_DEFAULTS"
+
 SCHEDULED = "scheduled-retraining"
 MANUAL = "manual"
 
@@ -42,13 +46,20 @@ def default_parameters() -> dict[str, Any]:
     The pipeline's last step (re)deploys the app on `config.serve.host:port`; a runner started
     by `skinsense stack up --app-port N` passes SKINSENSE_APP_HOST/PORT so that retraining
     replaces the app the stack started instead of starting a second one on 7860.
+    `$SKINSENSE_PIPELINE_DEFAULTS` (JSON) gives the rest of the runs' defaults, e.g. a local
+    data source for the weekly and the event-started retraining.
     """
-    serve: dict[str, Any] = {}
+    import json
+
+    config: dict[str, Any] = json.loads(os.environ.get(PIPELINE_DEFAULTS_ENV) or "{}")
+    serve: dict[str, Any] = dict(config.get("serve", {}))
     if os.environ.get("SKINSENSE_APP_HOST"):
         serve["host"] = os.environ["SKINSENSE_APP_HOST"]
     if os.environ.get("SKINSENSE_APP_PORT"):
         serve["port"] = int(os.environ["SKINSENSE_APP_PORT"])
-    return {"config": {"serve": serve}} if serve else {}
+    if serve:
+        config["serve"] = serve
+    return {"config": config} if config else {}
 
 
 DEPLOYMENTS: dict[str, dict[str, Any]] = {

@@ -323,6 +323,12 @@ class EvalConfig(_Strict):
         description="The out-of-domain gate's threshold is this percentile of the validation "
         "part's gate scores: about (100 - this)% of real dermatoscopic images are refused.",
     )
+    # Like a subgroup: below ~30 cases an accuracy's interval is wider than any difference
+    # worth acting on.
+    field_min_cases: int = Field(
+        30, ge=1,
+        description="field_* metrics (on confirmed diagnoses the model never trained on, "
+        "with lesion-bootstrap intervals) need at least this many such cases.")
     subgroup_min_images: int = Field(
         30, ge=1,
         description="A subgroup figure needs at least this many test images (for referral "

@@ -188,3 +188,37 @@ def test_strangers_cannot_write_feedback_through_the_app(exposed_app):
     assert feedback_rows() == 0
     assert "Saved: Melanoma" in send("derm", "correct-horse-battery")
     assert feedback_rows() == 1
+
+
+@pytest.mark.parametrize("arch,size", [("efficientnet_b0", 64), ("efficientnet_b3", 64),
+                                       ("maxvit_t", 224)])
+def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answered, tmp_path,
+                                                                         arch, size):
+    import torch
+
+    from skinsense.models import build_model
+    from skinsense.monitoring.field import field_figures
+    from skinsense.packaging import ModelCard, save_model_dir
+
+    with torch.random.fork_rng():
+        model = build_model(arch, image_size=size)
+    model_dir = save_model_dir(model.eval(), ModelCard(arch=arch, image_size=size,
+                                                       referral_threshold=0.3,
+                                                       referral_sensitivity_target=0.95),
+                               tmp_path / "model")
+    assert field_figures(model_dir, None, home=answered, min_cases=1, n_resamples=100,
+                         seed=0) == {}  # no confirmed case yet
+    for path, dx in zip(REAL[:3], ("mel", "nv", "bcc"), strict=True):
+        add_feedback(path, dx=dx, dx_type="histo", entered_by="t", home=answered)
+    source = export_source(answered)
+    trained = tmp_path / "train.csv"
+    first = pd.read_csv(source.metadata_csv)["image_id"].iloc[0]
+    pd.DataFrame({"image_id": [first]}).to_csv(trained, index=False)
+    assert field_figures(model_dir, trained, home=answered, min_cases=3, n_resamples=100,
+                         seed=0) == {"field_n": 2.0}  # the trained case is left out
+    figures = field_figures(model_dir, trained, home=answered, min_cases=2, n_resamples=200,
+                            seed=0)
+    assert figures["field_n"] == 2.0
+    for name in ("accuracy", "balanced_accuracy"):
+        value = figures[f"field_{name}"]
+        assert 0 <= figures[f"field_{name}_ci_low"] <= value <= figures[f"field_{name}_ci_high"] <= 1
