@@ -27,6 +27,10 @@ FLOW_ENTRYPOINT = "flows/pipeline.py:skinsense_pipeline"
 # (prefect.yaml), never served by the runner: its runs must reach workers on every machine.
 TRAIN_FLOW_ENTRYPOINT = "flows/train_architecture.py:train_architecture"
 
+# Defaults of the served pipeline deployments' `config` (JSON of a partial PipelineConfig),
+# e.g. a local data source: what schedule- and event-started runs use.
+PIPELINE_DEFAULTS_ENV = "SKINSENSE_PIPELINE_DEFAULTS"
+
 SCHEDULED = "scheduled-retraining"
 MANUAL = "manual"
 
@@ -46,13 +50,20 @@ def default_parameters() -> dict[str, Any]:
     The pipeline's last step (re)deploys the app on `config.serve.host:port`; a runner started
     by `skinsense stack up --app-port N` passes SKINSENSE_APP_HOST/PORT so that retraining
     replaces the app the stack started instead of starting a second one on 7860.
+    `$SKINSENSE_PIPELINE_DEFAULTS` (JSON) gives the rest of the runs' defaults, e.g. a local
+    data source for the weekly and the event-started retraining.
     """
-    serve: dict[str, Any] = {}
+    import json
+
+    config: dict[str, Any] = json.loads(os.environ.get(PIPELINE_DEFAULTS_ENV) or "{}")
+    serve: dict[str, Any] = dict(config.get("serve", {}))
     if os.environ.get("SKINSENSE_APP_HOST"):
         serve["host"] = os.environ["SKINSENSE_APP_HOST"]
     if os.environ.get("SKINSENSE_APP_PORT"):
         serve["port"] = int(os.environ["SKINSENSE_APP_PORT"])
-    return {"config": {"serve": serve}} if serve else {}
+    if serve:
+        config["serve"] = serve
+    return {"config": config} if config else {}
 
 
 DEPLOYMENTS: dict[str, dict[str, Any]] = {
@@ -72,16 +83,76 @@ DEPLOYMENTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The monitoring flow: once a day, after the night's traffic, before working hours in Europe.
+MONITOR_FLOW_ENTRYPOINT = "flows/monitor.py:skinsense_monitor"
+MONITOR_DEPLOYMENT_NAME = "daily"
+MONITOR_CRON = "0 6 * * *"
+MONITOR_DESCRIPTION = (
+    "Compare the last day of the app's prediction log with the champion's test part (Run -> "
+    "Custom run: config.window_hours for another window); writes the artifact "
+    "'skinsense-monitoring' and an MLflow run, and emits skinsense.drift.detected / "
+    "skinsense.feedback.ready, which start scheduled-retraining.")
+# One retraining per event kind per day at most: a noisy day emits the drift event at every
+# monitoring run, and one retraining answers all of them. A reactive trigger fires at the
+# first event and then ignores the same event until its `within` has passed.
+RETRAIN_COOLDOWN_S = 24 * 3600
+_EVENT_RECORD = {"event": "{{ event.event }}", "id": "{{ event.id|string }}",
+                 "occurred": "{{ event.occurred|string }}", "payload": "{{ event.payload }}"}
+
+
+def retrain_triggers(config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The event triggers of `scheduled-retraining`, in prefect.yaml's `triggers:` form.
+
+    Args:
+        config: the deployment's own `config` parameter: the trigger's parameters replace
+            the deployment's top-level ones, so they repeat it (e.g. the app's host and port).
+    """
+    from skinsense.monitoring.monitor import DRIFT_EVENT, FEEDBACK_EVENT
+
+    config = config or {}
+    with_feedback = {**config, "data": {**config.get("data", {}),
+                                        "extra_sources": ["feedback"]}}
+    specs = []
+    for name, event, cfg, why in (
+            ("skinsense-retrain-on-drift", DRIFT_EVENT, config,
+             "the monitoring flow found drift"),
+            ("skinsense-retrain-on-feedback", FEEDBACK_EVENT, with_feedback,
+             "enough confirmed diagnoses arrived; train with them in the training part")):
+        parameters: dict[str, Any] = {"triggered_by": dict(_EVENT_RECORD)}
+        if cfg:
+            parameters["config"] = cfg
+        specs.append({"type": "event", "name": name, "enabled": True,
+                      "description": f"Retrain when {why} (at most once per "
+                                     f"{RETRAIN_COOLDOWN_S // 3600} h).",
+                      "match": {"prefect.resource.id": "skinsense.model.*"},
+                      "expect": [event], "posture": "Reactive", "threshold": 1,
+                      "within": RETRAIN_COOLDOWN_S, "parameters": parameters})
+    return specs
+
+
+def to_monitor_deployment(flow):  # noqa: ANN001, ANN201 (a Prefect flow and its deployment)
+    """The runner deployment of the `skinsense-monitor` flow for `prefect.serve`."""
+    from prefect.schedules import Cron
+
+    return flow.to_deployment(name=MONITOR_DEPLOYMENT_NAME, description=MONITOR_DESCRIPTION,
+                              tags=TAGS, schedules=[Cron(MONITOR_CRON, timezone="UTC")],
+                              enforce_parameter_schema=True)
+
+
 def to_deployments(flow) -> list:
     """Runner deployments of `flow` (the `skinsense-pipeline` flow) for `prefect.serve`."""
     from prefect.schedules import Cron
 
+    from prefect.events import DeploymentEventTrigger
+
     built = []
     for name, spec in DEPLOYMENTS.items():
         schedules = [Cron(spec["cron"], timezone=spec["timezone"])] if spec["cron"] else None
+        triggers = ([DeploymentEventTrigger.model_validate(t) for t in retrain_triggers(
+            default_parameters().get("config"))] if name == SCHEDULED else None)
         built.append(flow.to_deployment(
             name=name, description=spec["description"], tags=TAGS, schedules=schedules,
-            parameters=default_parameters(),
+            triggers=triggers, parameters=default_parameters(),
             # The server checks parameters against the flow's schema (PipelineConfig), so a
             # bad value in the UI's form or an API call is refused before anything runs.
             enforce_parameter_schema=True))

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from deployments.concurrency import ensure_gpu_limit
-from deployments.definitions import to_deployments
+from deployments.definitions import to_deployments, to_monitor_deployment
 
 log = logging.getLogger("skinsense.deployments")
 
@@ -42,6 +42,7 @@ def main() -> None:
     # Served deployments record the working directory as the flow's location: make it the
     # checkout holding `flows/`, whatever directory the command was started from.
     os.chdir(Path(__file__).resolve().parents[1])
+    from flows.monitor import skinsense_monitor
     from flows.pipeline import skinsense_pipeline
 
     slots = ensure_gpu_limit()
@@ -49,7 +50,8 @@ def main() -> None:
     # One pipeline run at a time by default: a second one would only wait for the GPU slot
     # while holding the data stage's memory and disk bandwidth.
     limit = int(os.environ.get("SKINSENSE_RUNNER_LIMIT", "1"))
-    serve(*to_deployments(skinsense_pipeline), pause_on_shutdown=False, limit=limit)
+    serve(*to_deployments(skinsense_pipeline), to_monitor_deployment(skinsense_monitor),
+          pause_on_shutdown=False, limit=limit)
 
 
 if __name__ == "__main__":

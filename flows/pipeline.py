@@ -9,20 +9,25 @@ from prefect.runtime import flow_run
 from flows.local_server import temporary_server_settings
 from skinsense.config import PipelineConfig
 from skinsense.paths import Home
-from tasks import data, fanout, registry, reports, training
+from tasks import data, fanout, feedback, registry, reports, training
 
 
 @flow(name="skinsense-pipeline", log_prints=True)
 def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
-                       refresh_data: bool = False) -> dict:
+                       refresh_data: bool = False,
+                       triggered_by: dict | None = None) -> dict:
     """Fetch -> validate -> split -> oversample -> cache -> train/evaluate each architecture
     -> register the best -> promote if better -> deploy the app serving the champion.
 
     Args:
         config: every setting of the run (the Prefect UI renders it as a form).
         refresh_data: run the data stages again instead of reusing their cached results.
+        triggered_by: the event that started the run (set by the deployment's triggers in
+            prefect.yaml: name, id, time and payload); empty for schedules and manual runs.
     """
     home = Home.default().ensure().root
+    if triggered_by:
+        print(f"started by the event {triggered_by.get('event')} ({triggered_by.get('id')})")
     if config.train.fan_out:
         fanout.check_work_pool()
 
@@ -32,6 +37,9 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
     fetched = cached(data.fetch)(config.data, home)
     validated = cached(data.validate)(fetched, config.data, home)
     split = cached(data.split)(validated, config.data, home)
+    if config.data.extra_sources:  # confirmed cases etc.: training part only
+        split = cached(feedback.add_extra_sources)(
+            split, feedback.export_extra_sources(config.data, home), home)
     oversampled = cached(data.oversample)(split, config.data, home)
     reports.report_data(split, oversampled)
     reports.report_near_duplicates(split)

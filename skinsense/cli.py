@@ -505,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: register 'manual' and 'scheduled-retraining' and run them "
                         "from this process (needs PREFECT_API_URL)")
     p.set_defaults(func=cmd_deploy)
+
+    from skinsense.monitoring.cli import add_parser as add_feedback_parser
+
+    add_feedback_parser(sub)
     return parser
 
 

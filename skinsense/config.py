@@ -115,6 +115,10 @@ class DataConfig(_Strict):
         default_factory=NearDuplicateConfig,
         description="Near-duplicate images across lesion_ids, grouped before the split.",
     )
+    extra_sources: list[Literal["feedback"]] = Field(
+        [], description="Data sources added to the training part only, never to validation "
+        "or test: 'feedback' is the confirmed diagnoses with kept images "
+        "(docs/OPERATIONS.md, After deployment).")
 
     @model_validator(mode="before")
     @classmethod
@@ -361,6 +365,12 @@ class EvalConfig(_Strict):
     int8_min_speedup: float = Field(
         1.1, ge=0, description="int8 is served only when at least this many times faster than "
         "fp32 on the evaluating machine's CPU (0: speed is no condition).")
+    # Like a subgroup: below ~30 cases an accuracy's interval is wider than any difference
+    # worth acting on.
+    field_min_cases: int = Field(
+        30, ge=1,
+        description="field_* metrics (on confirmed diagnoses the model never trained on, "
+        "with lesion-bootstrap intervals) need at least this many such cases.")
     subgroup_min_images: int = Field(
         30, ge=1,
         description="A subgroup figure needs at least this many test images (for referral "
@@ -403,6 +413,62 @@ class ServeConfig(_Strict):
     gate: bool = Field(
         True, description="Check image quality and the out-of-domain gate before answering; "
         "off classifies every image, as before the gate existed.")
+    # The log is what monitoring reads (skinsense-monitor); off only to measure its cost.
+    log_predictions: bool = Field(
+        True, description="Append every answer (refusals too) to the prediction log "
+        "(SKINSENSE_LOG_DATABASE_URL, else SQLite under SKINSENSE_HOME/monitoring).")
+    # Uploads are health data: nothing is kept unless the operator decides to.
+    keep_images: bool = Field(
+        False, description="Keep each answered upload (SKINSENSE_HOME/monitoring/images), "
+        "so confirmed diagnoses can become training data.")
+    keep_images_days: int = Field(
+        30, ge=1, le=3650, description="Delete kept uploads after this many days.")
+    feedback: bool = Field(
+        True, description="Show the form for confirmed diagnoses; it needs a login whenever "
+        "the app listens beyond loopback (SKINSENSE_FEEDBACK_AUTH or the stack's login).")
+
+
+class MonitorConfig(_Strict):
+    """What the `skinsense-monitor` flow compares, and when it calls it drift.
+
+    Each threshold says when one test "crosses": the flow then emits
+    `skinsense.drift.detected` with every test that crossed and its figures.
+    """
+
+    model_name: str = Field("skinsense", min_length=1, description="Registered model name.")
+    window_hours: float = Field(
+        24.0, gt=0, le=24 * 366, description="The log window compared: the last this many "
+        "hours (the daily schedule looks at the day since the last run).")
+    # Below ~50 answers a chi-square on 7 classes and a KS test say little either way.
+    min_requests: int = Field(
+        50, ge=1, description="A window with fewer requests is reported as too small to test.")
+    # 1% per test: with five tests a day, a false alarm about every three weeks.
+    p_value: float = Field(
+        0.01, gt=0, lt=1, description="Significance level of the chi-square (class mix) and "
+        "Kolmogorov-Smirnov (ood_score) tests.")
+    # 0.2 is the usual "significant shift" of the population stability index in credit
+    # scoring, where PSI comes from; 0.1-0.2 is "some shift".
+    psi_threshold: float = Field(
+        0.2, gt=0, description="The class mix drifts when its PSI against the test part "
+        "exceeds this (as well as the chi-square test's p-value being below p_value).")
+    # The gate refuses ~5% of real test images by design (eval.ood_percentile 95).
+    ood_rate_increase: float = Field(
+        0.10, gt=0, le=1, description="Out-of-domain refusals drift when their rate is this "
+        "much (absolute) above the test part's.")
+    quality_rate_max: float = Field(
+        0.20, gt=0, le=1, description="Quality refusals drift when more than this share of "
+        "requests is refused for quality.")
+    referral_rate_change: float = Field(
+        0.10, gt=0, le=1, description="The referral rate drifts when the test part's rate is "
+        "outside its 95% interval and differs by more than this (absolute).")
+    min_confirmed: int = Field(
+        20, ge=1, description="Accuracy and referral sensitivity on confirmed cases are "
+        "tested only with at least this many confirmed cases in the window.")
+    retrain_min_feedback: int = Field(
+        20, ge=1, description="Emit skinsense.feedback.ready when at least this many "
+        "confirmed cases have arrived since the champion was trained.")
+    experiment: str = Field("skinsense-monitoring", min_length=1,
+                            description="MLflow experiment of the monitoring runs.")
 
 
 class PipelineConfig(_Strict):

@@ -1104,6 +1104,14 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
                         gate_warning, "" if gate_status == GATE_USABLE else
                         "; it is unusable, and the app serves this model without it")
 
+    from skinsense.monitoring.reference import build_reference, save_reference
+
+    # What monitoring compares the served traffic with (stored with the model).
+    save_reference(model_dir, build_reference(
+        y_true, served, referral_threshold=card.referral_threshold,
+        ood_scores=gate.scores(features) if gate is not None and features is not None else None,
+        ood_threshold=card.ood_threshold))
+
     subgroup_files: list[Path] = []
     subgroup_gaps: dict[str, Any] = {}
     if manifest is not None and subgroups:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 
 import psutil
 
@@ -33,3 +35,18 @@ def is_leftover(pid: int) -> bool:
     """Whether a temporary file or folder marked with `pid` is left over and can go: its
     process is gone, or it is this process (an earlier call that was interrupted)."""
     return pid == os.getpid() or not pid_alive(pid)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        # A host name: loopback only if every address it resolves to is.
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)

@@ -213,8 +213,16 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
                                 efficiency=cfg.measure_efficiency,
                                 manifest=read_cached_manifest(cache.test),
                                 subgroup_min_images=cfg.subgroup_min_images, **intervals)
+    from skinsense.monitoring.field import field_figures
+
+    # The confirmed diagnoses this model never trained on (docs/OPERATIONS.md).
+    field = field_figures(model_dir, cache.train.manifest_csv, home=home.root,
+                          min_cases=cfg.field_min_cases, n_resamples=cfg.bootstrap_resamples,
+                          seed=cfg.bootstrap_seed)
     card = load_card(model_dir)
     card.metrics |= {f"test_{k}": v for k, v in result.metrics.items()} | result.efficiency
+    card.metrics |= field
+    tracking.log_metrics(run_id, field)
     card.test_referral = result.referral
     card.referral_rule = describe_rule(card.referral_threshold,
                                        card.referral_sensitivity_target, result.referral)

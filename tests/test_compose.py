@@ -121,7 +121,7 @@ def test_credentials_come_from_the_env_file(resolved):
     env = resolved["services"]["postgres"]["environment"]
     assert env["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
     init = ROOT / "docker" / "postgres" / "init-databases.sh"
-    assert "prefect mlflow mlflow_auth" in init.read_text()
+    assert "prefect mlflow mlflow_auth skinsense" in init.read_text()
 
 
 def test_both_servers_ask_for_a_login_and_every_client_has_it(resolved):

@@ -27,7 +27,16 @@ def test_prefect_yaml_matches_the_definitions(prefect_file):
     assert child["entrypoint"] == definitions.TRAIN_FLOW_ENTRYPOINT
     assert child["work_pool"]["name"] == definitions.WORK_POOL
     assert child["enforce_parameter_schema"] is True and child["schedules"] == []
+    monitor = by_name.pop(definitions.MONITOR_DEPLOYMENT_NAME)
+    assert monitor["entrypoint"] == definitions.MONITOR_FLOW_ENTRYPOINT
+    assert [s["cron"] for s in monitor["schedules"]] == [definitions.MONITOR_CRON]
     assert set(by_name) == set(definitions.DEPLOYMENTS)
+    # The event triggers of the retraining: the same as the runner's, with the deployment's
+    # own config repeated (a trigger's parameters replace the deployment's top-level ones).
+    scheduled = by_name[definitions.SCHEDULED]
+    assert scheduled["triggers"] == definitions.retrain_triggers(
+        scheduled["parameters"].get("config"))
+    assert "triggers" not in by_name[definitions.MANUAL]
     for name, deployment in by_name.items():
         assert deployment["entrypoint"] == definitions.FLOW_ENTRYPOINT
         assert deployment["work_pool"]["name"] == definitions.WORK_POOL
@@ -63,3 +72,25 @@ def test_training_asks_for_the_gpu_limit_only_where_a_server_keeps_it():
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert not isinstance(gpu_slots(definitions.GPU_LIMIT, 1), nullcontext)
         assert isinstance(gpu_slots(None, 1), nullcontext)  # fanned-out children
+
+
+def test_retraining_starts_on_the_monitoring_events_with_a_cool_down():
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.monitor import skinsense_monitor
+    from flows.pipeline import skinsense_pipeline
+
+    built = {d.name: d for d in definitions.to_deployments(skinsense_pipeline)}
+    triggers = built["scheduled-retraining"].triggers
+    assert all(isinstance(t, DeploymentEventTrigger) for t in triggers)
+    assert [sorted(t.expect) for t in triggers] == [["skinsense.drift.detected"],
+                                                   ["skinsense.feedback.ready"]]
+    assert all(t.within.total_seconds() == definitions.RETRAIN_COOLDOWN_S for t in triggers)
+    assert all(t.posture == "Reactive" and t.threshold == 1 for t in triggers)
+    # The run's parameters record the event; feedback runs train with the confirmed cases.
+    assert all(t.parameters["triggered_by"]["event"] == "{{ event.event }}" for t in triggers)
+    assert triggers[1].parameters["config"]["data"]["extra_sources"] == ["feedback"]
+    assert not built["manual"].triggers
+    monitor = definitions.to_monitor_deployment(skinsense_monitor)
+    assert monitor.schedules[0].schedule.cron == definitions.MONITOR_CRON
+    assert "config" in monitor._parameter_openapi_schema.model_dump()["properties"]

@@ -82,10 +82,16 @@ LAYERS = [
     ("data", ["skinsense.data"]),
     ("training, trust and the audit", [
         "skinsense.training", "skinsense.trust", "skinsense.bootstrap", "skinsense.subgroups",
-        "skinsense.ood_reference", "skinsense.plots"]),
-    ("evaluation and serving", ["skinsense.evaluation", "skinsense.quantize", "skinsense.serving"]),
+        "skinsense.ood_reference", "skinsense.plots",
+        # After deployment: the log and feedback store, the feedback source, drift statistics.
+        "skinsense.monitoring"]),
+    ("evaluation and serving", ["skinsense.evaluation", "skinsense.quantize", "skinsense.serving",
+                                # confirmed cases scored by the candidates (field_* metrics)
+                                "skinsense.monitoring.field"]),
     ("lifecycle", ["skinsense.lifecycle"]),
-    ("stages and the stack", ["skinsense.stages", "skinsense.reports", "skinsense.stack"]),
+    ("stages and the stack", ["skinsense.stages", "skinsense.reports", "skinsense.stack",
+                              # the monitoring stage reads the champion from the registry
+                              "skinsense.monitoring.monitor"]),
     ("tasks", ["tasks"]),
     ("flows", ["flows"]),
     ("deployments", ["deployments"]),

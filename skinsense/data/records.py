@@ -74,6 +74,8 @@ class SplitData(BaseModel):
     fingerprint: str                 # of the data the split was made from
     class_counts: dict[str, dict[str, int]]   # part -> dx -> images
     near_duplicates: NearDuplicates | None = None   # what grouped the lesions, if checked
+    # data.extra_sources added to the training part only: source name -> its fingerprint
+    extra_sources: dict[str, str] = {}
 
 
 class OversampledData(BaseModel):

@@ -32,6 +32,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,11 +42,13 @@ from PIL import Image
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from skinsense.config import ServeConfig
+from skinsense.config import ServeConfig, skinsense_home
 from skinsense.labels import BY_CODE
 from skinsense.models import NoExplanationError
 from skinsense.serving.explain import explain_image
+from skinsense.serving.feedback_form import build_feedback_form
 from skinsense.serving.loading import LoadedModel, load_model
+from skinsense.serving.prediction_log import PredictionLog
 from skinsense.serving.predictor import Assessment, ImageRejected
 from skinsense.serving.reload import ModelHolder
 from skinsense.serving.runtime import serving_concurrency
@@ -231,25 +234,43 @@ def _refusal(exc: ImageRejected, image: str | bytes) -> gr.Error:
     return gr.Error(f"Cannot classify this image: {why}")
 
 
-def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
-    """The user interface; its API endpoints are `/classify`, `/assess` and `/explain`."""
+def build_blocks(holder: ModelHolder, cfg: ServeConfig,
+                 prediction_log: PredictionLog | None = None) -> gr.Blocks:
+    """The user interface; its API endpoints are `/classify`, `/assess` and `/explain`.
+
+    With `prediction_log`, every answer (refusals too) is logged before it is returned.
+    """
     # Requests that run the model at once (one per core unless configured): no request
     # waits on another's worker while a core is idle (skinsense.serving.runtime).
     concurrency = serving_concurrency(cfg.concurrency_limit)
 
-    def assess(image: str | bytes | None) -> tuple[LoadedModel, Assessment]:
+    def logged(endpoint: str, model: LoadedModel, image: str | bytes, start: float,
+               **answer) -> None:
+        if prediction_log is not None:
+            prediction_log.record(
+                endpoint=endpoint, image=image, latency_ms=(time.perf_counter() - start) * 1000,
+                model_name=model.model_name, model_version=model.version,
+                backend=model.predictor.backend, **answer)
+
+    def assess(image: str | bytes | None, endpoint: str) -> tuple[LoadedModel, Assessment]:
         if not image:
             raise gr.Error("Upload, paste or take a photo of a skin lesion first.")
+        start = time.perf_counter()
         model = holder.current  # read once: a swap mid-request must not mix two models
         try:
-            return model, model.predictor.assess(
+            assessment = model.predictor.assess(
                 Path(image) if isinstance(image, str) else image, gate=cfg.gate)
         except ImageRejected as exc:
+            logged(endpoint, model, image, start, unreadable="unreadable")
             raise _refusal(exc, image) from exc
         except Exception as exc:
             log.exception("classifying an upload failed")
             raise gr.Error("Something went wrong while classifying this image; try another "
                            "JPEG or PNG photo.") from exc
+        logged(endpoint, model, image, start, quality_issues=assessment.quality_issues,
+               gate=assessment.gate, probabilities=assessment.probabilities,
+               top_class=assessment.top_class, referral=assessment.referral)
+        return model, assessment
 
     def answered_by(model: LoadedModel) -> str:
         source = f"model version {model.version}" if model.version else "a local model folder"
@@ -266,7 +287,7 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         return text + answered_by(model)
 
     def classify(image: str | bytes | None) -> tuple[dict[str, float], str]:
-        model, assessment = assess(image)
+        model, assessment = assess(image, "classify")
         if assessment.quality_issues:
             raise gr.Error("Cannot classify this image: " + "; ".join(
                 issue.message for issue in assessment.quality_issues))
@@ -280,7 +301,7 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
             answered_by(model), referral + answered_by(model))
 
     def assess_json(image: str | bytes | None) -> dict:
-        model, assessment = assess(image)
+        model, assessment = assess(image, "assess")
         return {**assessment.as_dict(), "model_version": model.version,
                 "message": (OUT_OF_DOMAIN if assessment.gate.in_domain is False else
                             "; ".join(q.message for q in assessment.quality_issues))}
@@ -295,7 +316,7 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
 
     def show(image: str | bytes | None) -> tuple:
         """The UI's answer: verdict panel, top 3, details, or 'show anyway' when refused."""
-        model, assessment = assess(image)
+        model, assessment = assess(image, "ui")
         if assessment.quality_issues:
             return answer(quality_message(assessment))
         shown = {label_text(code): p for code, p in assessment.probabilities.items()}
@@ -317,6 +338,7 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         explanation), and a caption that says what it shows or why there is none."""
         if not image:
             raise gr.Error("Upload, paste or take a photo of a skin lesion first.")
+        start = time.perf_counter()
         model = holder.current
         try:
             result = explain_image(
@@ -324,10 +346,13 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         except NoExplanationError as exc:
             return None, f"*{str(exc)[0].upper()}{str(exc)[1:]}.*"
         except ImageRejected as exc:
+            logged("explain", model, image, start, unreadable="unreadable")
             raise _refusal(exc, image) from exc
         except Exception as exc:
             log.exception("explaining an upload failed")
             raise gr.Error("Something went wrong while explaining this image.") from exc
+        logged("explain", model, image, start, quality_issues=result.quality_issues,
+               gate=result.gate, top_class=result.class_code)
         if result.quality_issues:
             return None, "No explanation: " + "; ".join(q.message for q in result.quality_issues)
         if result.overlay is None:
@@ -377,6 +402,8 @@ def build_blocks(holder: ModelHolder, cfg: ServeConfig) -> gr.Blocks:
         examples = [str(p) for p in example_images()]
         if examples:
             gr.Examples(examples=examples, inputs=image, label=EXAMPLES_LABEL)
+        if cfg.feedback:
+            build_feedback_form(image, cfg, skinsense_home())
         # A callable value is evaluated on every page load, so the footer follows a swap.
         gr.Markdown(lambda: footer_text(holder.current), elem_id="model-footer")
 
@@ -475,6 +502,9 @@ def create_server(model_uri: str, cfg: ServeConfig | None = None, *,
 
     server = FastAPI(title="SkinSense", lifespan=lifespan)
     server.state.holder = holder
+    server.state.prediction_log = prediction_log = (
+        PredictionLog(None, skinsense_home(), keep_images=cfg.keep_images,
+                      keep_images_days=cfg.keep_images_days) if cfg.log_predictions else None)
 
     @server.get("/health")
     def health() -> dict:
@@ -490,7 +520,7 @@ def create_server(model_uri: str, cfg: ServeConfig | None = None, *,
         return JSONResponse(body, status_code=500 if outcome.error else 200)
 
     return gr.mount_gradio_app(
-        server, build_blocks(holder, cfg), path="/", css=CSS, theme=gr.themes.Soft(),
+        server, build_blocks(holder, cfg, prediction_log), path="/", css=CSS, theme=gr.themes.Soft(),
         max_file_size=int(cfg.max_file_size_mb * 1024 * 1024),
         allowed_paths=[str(EXAMPLES_DIR)], footer_links=[])
 
@@ -501,4 +531,6 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 7860,
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The feedback form's login rule follows where the app really listens.
+    cfg = (cfg or serve_config_from_env()).model_copy(update={"host": host})
     uvicorn.run(create_server(model_uri, cfg), host=host, port=port, log_level="info")

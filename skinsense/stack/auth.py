@@ -22,7 +22,6 @@ else freshly generated ones, which are then stored there.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import os
 import secrets
 import shlex
@@ -31,6 +30,9 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# Kept here too: the stack decides its logins by it (`skinsense.processes` holds it).
+from skinsense.processes import is_loopback  # noqa: F401
 
 # Server side (what compose's .env sets too).
 PREFECT_SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
@@ -105,21 +107,6 @@ def basic_auth_header(username: str, password: str) -> dict[str, str]:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps a server on this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        # A host name: loopback only if every address it resolves to is.
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except OSError:
-            return False
-        return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def auth_wanted(host: str, requested: bool, environ: Mapping[str, str]) -> bool:

@@ -1,0 +1,224 @@
+"""Confirmed diagnoses: who may write them, clear errors for wrong input, the `feedback`
+data source and its place in the training part only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from skinsense.data.extra_sources import ExtraSource, add_to_training
+from skinsense.data.split import write_split
+from skinsense.monitoring.database import Feedback, engine_for
+from skinsense.monitoring.feedback import (
+    FeedbackError,
+    FeedbackRefused,
+    add_feedback,
+    check_login,
+    export_source,
+)
+from skinsense.serving.app import example_images
+from skinsense.serving.prediction_log import PredictionLog
+
+REAL = example_images()
+
+
+@pytest.fixture
+def answered(home):
+    """A prediction log in SKINSENSE_HOME with the first three examples answered."""
+    plog = PredictionLog(None, home.root)
+    for path in REAL[:3]:
+        plog.record(endpoint="assess", image=str(path), latency_ms=1.0, top_class="nv")
+    return home.root
+
+
+def feedback_rows() -> int:
+    with engine_for().connect() as connection:
+        return connection.execute(sa.select(sa.func.count()).select_from(Feedback)).scalar()
+
+
+def test_logins_beyond_loopback():
+    env = {"SKINSENSE_FEEDBACK_AUTH": "derm:s3cret-pass,nurse:other-pass",
+           "PREFECT_SERVER_API_AUTH_STRING": "admin:stack-pass"}
+    assert check_login(None, None, required=False, environ={}) == "local"
+    assert check_login("derm", "s3cret-pass", required=True, environ=env) == "derm"
+    assert check_login("admin", "stack-pass", required=True, environ=env) == "admin"
+    for user, password in (("derm", "wrong"), ("stranger", "s3cret-pass"), ("", ""),
+                           (None, None)):
+        with pytest.raises(FeedbackRefused, match="wrong user name or password"):
+            check_login(user, password, required=True, environ=env)
+    with pytest.raises(FeedbackRefused, match="none is configured"):
+        check_login("derm", "s3cret-pass", required=True, environ={})
+
+
+def test_wrong_fields_and_unanswered_images_get_clear_errors(answered, tmp_path):
+    with pytest.raises(FeedbackError, match="not one of the seven HAM10000 classes"):
+        add_feedback(REAL[0], dx="melanoma", dx_type="histo", entered_by="t", home=answered)
+    with pytest.raises(FeedbackError, match="dx_type 'biopsy'"):
+        add_feedback(REAL[0], dx="mel", dx_type="biopsy", entered_by="t", home=answered)
+    with pytest.raises(FeedbackError, match="never answered by the app"):
+        add_feedback(REAL[5], dx="mel", dx_type="histo", entered_by="t", home=answered)
+    assert feedback_rows() == 0
+    record = add_feedback(REAL[0], dx="mel", dx_type="histo", age=60, sex="male",
+                          localization="back", entered_by="t", home=answered)
+    assert Path(record.image_path).read_bytes() == REAL[0].read_bytes()
+    with pytest.raises(FeedbackError, match="already has a confirmed diagnosis"):
+        add_feedback(REAL[0], dx="nv", dx_type="histo", entered_by="t", home=answered)
+    assert feedback_rows() == 1
+
+
+def test_the_cli_adds_feedback_and_explains_mistakes(answered, capsys):
+    from skinsense.cli import main
+
+    assert main(["feedback", "add", str(REAL[1]), "--dx", "xyz", "--dx-type", "histo"]) == 1
+    assert "not one of the seven HAM10000 classes" in capsys.readouterr().err
+    assert main(["feedback", "add", str(REAL[6]), "--dx", "bcc", "--dx-type", "histo"]) == 1
+    assert "never answered" in capsys.readouterr().err
+    assert main(["feedback", "add", str(REAL[1]), "--dx", "bcc", "--dx-type", "consensus",
+                 "--site", "face"]) == 0
+    assert "confirmed bcc (consensus)" in capsys.readouterr().out
+    assert main(["feedback", "list"]) == 0
+    assert "bcc" in capsys.readouterr().out
+
+
+def test_feedback_joins_the_training_part_only_and_test_lesions_are_refused(answered,
+                                                                            tmp_path):
+    """The `feedback` source has its own fingerprint, which changes with a new case; its
+    images go to the training part, except one whose lesion is in the test part and one that
+    is a test image itself."""
+    from skinsense.data.metadata import load_metadata
+
+    meta = load_metadata("/work/shared/data/HAM10000_metadata.csv" if Path(
+        "/work/shared/data/HAM10000_metadata.csv").exists() else None)
+    meta = meta.groupby("dx").head(40).reset_index(drop=True)
+    meta["image_path"] = [str(REAL[i % 3 + 3]) for i in range(len(meta))]
+    # Make row 0's image byte-identical to an example image that becomes feedback.
+    split = write_split(meta, tmp_path / "split", seed=0)
+    test = pd.read_csv(split.test_csv)
+    test_lesion = test["lesion_id"].iloc[0]
+    test.loc[test.index[1], "image_path"] = str(REAL[2])
+    test.to_csv(split.test_csv, index=False)
+
+    add_feedback(REAL[0], dx="mel", dx_type="histo", entered_by="t", home=answered)
+    first = export_source(answered)
+    add_feedback(REAL[1], dx=test.loc[test.index[0], "dx"], dx_type="histo", entered_by="t",
+                 home=answered, lesion_id=test_lesion)
+    add_feedback(REAL[2], dx="nv", dx_type="follow_up", entered_by="t", home=answered)
+    source = export_source(answered)
+    assert source.fingerprint != first.fingerprint and source.n_images == 3
+    assert load_metadata(source.metadata_csv)["dataset"].eq("feedback").all()
+
+    before = {part: pd.read_csv(getattr(split, f"{part}_csv")) for part in ("val", "test")}
+    extra = ExtraSource(name="feedback", metadata_csv=source.metadata_csv,
+                        images_dir=source.images_dir, fingerprint=source.fingerprint)
+    extended = add_to_training(split, [extra], tmp_path / "extra")
+    train = pd.read_csv(extended.train_csv)
+    report = json.loads((tmp_path / "extra" / "extra_sources.json").read_text())["feedback"]
+    added = train[train["dataset"] == "feedback"]
+    assert len(added) == 1 and added["dx"].tolist() == ["mel"]
+    assert report["added"] == added["image_id"].tolist()
+    reasons = sorted(r["reason"] for r in report["refused"])
+    assert reasons[0].startswith(f"lesion {test_lesion} is in the HAM10000 test part")
+    assert "the same image as" in reasons[1] and "test part" in reasons[1]
+    assert extended.extra_sources == {"feedback": source.fingerprint}
+    assert extended.class_counts["train"]["mel"] == split.class_counts["train"]["mel"] + 1
+    for part, frame in before.items():
+        assert getattr(extended, f"{part}_csv") == getattr(split, f"{part}_csv")
+        pd.testing.assert_frame_equal(pd.read_csv(getattr(extended, f"{part}_csv")), frame)
+
+
+@pytest.fixture
+def exposed_app(home, tmp_path_factory, monkeypatch):
+    """The app configured as listening beyond loopback (serve.host 0.0.0.0), served here on
+    127.0.0.1 only, with one feedback login."""
+    import uvicorn
+
+    from test_app import exported_template, free_tcp_port
+
+    from skinsense.config import ServeConfig
+    from skinsense.serving.app import create_server
+
+    monkeypatch.setenv("SKINSENSE_FEEDBACK_AUTH", "derm:correct-horse-battery")
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    model_dir = shutil.copytree(exported_template(tmp_path_factory), home.root / "model")
+    server = create_server(str(model_dir), ServeConfig(host="0.0.0.0", reload_interval_s=0,
+                                                       keep_images=True))
+    port = free_tcp_port()
+    uv = uvicorn.Server(uvicorn.Config(server, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=20)
+
+
+@pytest.mark.slow
+def test_strangers_cannot_write_feedback_through_the_app(exposed_app):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(exposed_app, verbose=False)
+    image = handle_file(str(REAL[0]))
+    client.predict(image, api_name="/assess")  # reading stays open
+
+    def send(user: str, password: str, dx: str = "mel", path: Path = REAL[0]):
+        return client.predict(handle_file(str(path)), dx, "histo", None, None, None, user,
+                              password, api_name="/feedback")
+
+    for user, password in (("", ""), ("derm", "guess"), ("mallory", "correct-horse-battery")):
+        with pytest.raises(AppError, match="wrong user name or password"):
+            send(user, password)
+    assert feedback_rows() == 0
+    with pytest.raises(AppError, match="never answered"):
+        send("derm", "correct-horse-battery", path=REAL[4])
+    # The dropdown itself refuses a value outside its choices, and says which are allowed.
+    with pytest.raises(AppError, match="not in the list of choices.*mel"):
+        send("derm", "correct-horse-battery", dx="cancer")
+    assert feedback_rows() == 0
+    assert "Saved: Melanoma" in send("derm", "correct-horse-battery")
+    assert feedback_rows() == 1
+
+
+@pytest.mark.parametrize("arch,size", [("efficientnet_b0", 64), ("efficientnet_b3", 64),
+                                       ("maxvit_t", 224)])
+def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answered, tmp_path,
+                                                                         arch, size):
+    import torch
+
+    from skinsense.models import build_model
+    from skinsense.monitoring.field import field_figures
+    from skinsense.packaging import ModelCard, save_model_dir
+
+    with torch.random.fork_rng():
+        model = build_model(arch, image_size=size)
+    model_dir = save_model_dir(model.eval(), ModelCard(arch=arch, image_size=size,
+                                                       referral_threshold=0.3,
+                                                       referral_sensitivity_target=0.95),
+                               tmp_path / "model")
+    assert field_figures(model_dir, None, home=answered, min_cases=1, n_resamples=100,
+                         seed=0) == {}  # no confirmed case yet
+    for path, dx in zip(REAL[:3], ("mel", "nv", "bcc"), strict=True):
+        add_feedback(path, dx=dx, dx_type="histo", entered_by="t", home=answered)
+    source = export_source(answered)
+    trained = tmp_path / "train.csv"
+    first = pd.read_csv(source.metadata_csv)["image_id"].iloc[0]
+    pd.DataFrame({"image_id": [first]}).to_csv(trained, index=False)
+    assert field_figures(model_dir, trained, home=answered, min_cases=3, n_resamples=100,
+                         seed=0) == {"field_n": 2.0}  # the trained case is left out
+    figures = field_figures(model_dir, trained, home=answered, min_cases=2, n_resamples=200,
+                            seed=0)
+    assert figures["field_n"] == 2.0
+    for name in ("accuracy", "balanced_accuracy"):
+        value = figures[f"field_{name}"]
+        assert 0 <= figures[f"field_{name}_ci_low"] <= value <= figures[f"field_{name}_ci_high"] <= 1

@@ -1,0 +1,147 @@
+"""Monitoring: the drift statistics on synthetic windows, and the `skinsense-monitor` flow
+against a registered champion (artifact, MLflow run, events on the Prefect server)."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from skinsense.config import MonitorConfig
+from skinsense.labels import CLASS_CODES
+from skinsense.monitoring.database import Feedback, Prediction, engine_for, utc_now
+from skinsense.monitoring.drift import compare, window_bounds
+from skinsense.monitoring.reference import save_reference
+
+RNG_SEED = 0
+
+
+def reference() -> dict:
+    rng = np.random.default_rng(RNG_SEED)
+    return {"n_images": 1500, "accuracy": 0.8, "ood_rate": 0.05, "quality_rate": 0.0,
+            "referral_rate": 0.25, "referral_sensitivity": 0.95,
+            "class_mix": {"akiec": 45, "bcc": 75, "bkl": 165, "df": 17, "mel": 167,
+                          "nv": 1006, "vasc": 20},
+            "ood_scores": rng.normal(100, 10, 1500).tolist()}
+
+
+def window(n: int, *, drifted: bool, seed: int = 1) -> pd.DataFrame:
+    """Log rows like the app writes: like the test part, or shifted towards melanomas and
+    out-of-domain photos."""
+    rng = np.random.default_rng(seed)
+    ref = reference()
+    mix = np.array([ref["class_mix"][c] for c in CLASS_CODES], float)
+    if drifted:
+        mix[CLASS_CODES.index("mel")] *= 6
+    top = rng.choice(CLASS_CODES, n, p=mix / mix.sum())
+    ood_share = 0.35 if drifted else 0.05
+    scores = rng.normal(130 if drifted else 100, 10, n)
+    outcome = np.where(rng.random(n) < ood_share, "out_of_domain", "answered")
+    referral = np.where(outcome == "answered",
+                        np.isin(top, ["mel", "bcc", "akiec"]) | (rng.random(n) < 0.05), None)
+    now = utc_now()
+    return pd.DataFrame({
+        "created_at": [now - timedelta(minutes=3 * i + 1) for i in range(n)],
+        "endpoint": "assess", "outcome": outcome, "model_name": "skinsense",
+        "model_version": "1", "backend": "onnxruntime",
+        "image_sha256": [f"{i:064x}" for i in range(n)], "width": 600, "height": 450,
+        "quality_issue": None, "gate_status": "on", "in_domain": outcome == "answered",
+        "ood_score": scores, "probabilities": None,
+        "top_class": top, "referral": referral, "referral_score": None, "latency_ms": 90.0,
+        "image_path": None})
+
+
+def test_too_few_requests_are_reported_not_tested():
+    start, end = window_bounds(24)
+    report = compare(window(10, drifted=True), reference(), MonitorConfig(), start=start,
+                     end=end)
+    assert not report.enough and report.checks == []
+    assert "only 10 requests" in report.message and "too few" in report.message
+
+
+def test_a_window_like_the_test_part_crosses_nothing_and_a_drifted_one_does():
+    start, end = window_bounds(24)
+    calm = compare(window(400, drifted=False), reference(), MonitorConfig(), start=start,
+                   end=end)
+    assert calm.enough and calm.crossed == [], calm.message
+    assert {c.name for c in calm.checks} >= {"quality_rate", "ood_rate", "ood_score_ks",
+                                             "class_mix_psi", "referral_rate"}
+    drifted = compare(window(400, drifted=True), reference(), MonitorConfig(), start=start,
+                      end=end)
+    assert {c.name for c in drifted.crossed} >= {"ood_rate", "ood_score_ks", "class_mix_psi",
+                                                 "referral_rate"}
+    mix = next(c for c in drifted.checks if c.name == "class_mix_psi")
+    assert mix.figures["p_value"] < 0.01 and mix.value > 0.2
+
+
+def test_thresholds_are_config_fields():
+    start, end = window_bounds(24)
+    lenient = MonitorConfig(psi_threshold=5.0, ood_rate_increase=0.9, p_value=1e-300,
+                            referral_rate_change=0.9)
+    report = compare(window(400, drifted=True), reference(), lenient, start=start, end=end)
+    assert report.crossed == []
+
+
+def insert(frame: pd.DataFrame) -> None:
+    with engine_for().begin() as connection:
+        connection.execute(Prediction.__table__.insert(), frame.to_dict("records"))
+
+
+@pytest.mark.slow
+def test_the_monitor_flow_writes_its_artifact_and_run_and_emits_the_events(
+        prefect_harness, home, tmp_path_factory):
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from test_app import MODEL_NAME, exported_template
+
+    from flows.monitor import skinsense_monitor
+    from skinsense import registry, tracking
+    from skinsense.packaging import load_card
+
+    tracking.configure(home)
+    model_dir = shutil.copytree(exported_template(tmp_path_factory), home.root / "champion")
+    save_reference(model_dir, reference())
+    run_id = mlflow.MlflowClient().create_run(
+        mlflow.set_experiment("skinsense").experiment_id).info.run_id
+    version = registry.register_candidate(model_dir, run_id=run_id, model_name=MODEL_NAME,
+                                          metric="balanced_accuracy", score=0.5, tags={})
+    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, registry.CHAMPION, version)
+    insert(window(300, drifted=True))
+    trained = pd.Timestamp(load_card(model_dir).trained_at)
+    with engine_for().begin() as connection:
+        connection.execute(Feedback.__table__.insert(), [
+            {"created_at": utc_now(), "image_sha256": f"{i:064x}", "lesion_id": f"L{i}",
+             "dx": "mel", "dx_type": "histo", "entered_by": "t"} for i in range(3)])
+    assert trained < pd.Timestamp(utc_now())
+
+    result = skinsense_monitor(MonitorConfig(model_name=MODEL_NAME, retrain_min_feedback=3))
+    assert result["events"] == ["skinsense.drift.detected", "skinsense.feedback.ready"]
+    assert result["champion_version"] == version
+
+    run = mlflow.get_run(result["mlflow_run_id"])
+    assert run.data.tags["drift"] == "true" and run.data.metrics["requests"] == 300
+    assert mlflow.get_experiment(run.info.experiment_id).name == "skinsense-monitoring"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"report.json", "over_time.png", "class_mix.png", "ood_scores.png"} <= artifacts
+
+    with get_client(sync_client=True) as client:
+        markdown = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["skinsense-monitoring"]}}}).json()
+        assert markdown and "data:image/png;base64," in markdown[0]["data"]
+        assert "class_mix_psi" in markdown[0]["data"]
+        deadline = pd.Timestamp.now() + pd.Timedelta(seconds=30)
+        while True:
+            events = client.request("POST", "/events/filter", json={"filter": {
+                "event": {"prefix": ["skinsense."]}}}).json()["events"]
+            names = {e["event"] for e in events}
+            if names >= {"skinsense.drift.detected", "skinsense.feedback.ready"} or \
+                    pd.Timestamp.now() > deadline:
+                break
+        assert names >= {"skinsense.drift.detected", "skinsense.feedback.ready"}
+        drift = next(e for e in events if e["event"] == "skinsense.drift.detected")
+        assert {t["test"] for t in drift["payload"]["tests"]} >= {"class_mix_psi", "ood_rate"}
