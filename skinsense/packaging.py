@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,10 @@ def load_model_dir(model_dir: Path) -> tuple[nn.Module, ModelCard]:
             f"expects {list(CLASS_CODES)}"
         )
     model = build_model(card.arch, image_size=card.image_size, num_classes=len(card.class_codes))
-    state = load_file(str(Path(model_dir) / WEIGHTS_FILE))
+    state = OrderedDict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
+    # safetensors keeps tensors only; modules that check the version recorded in a state
+    # dict (torchvision's MNASNet refuses one without it) get the versions of the freshly
+    # built model of the same architecture.
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
     return model.eval(), card

@@ -44,6 +44,13 @@ def calibrated_model(arch: str, size: int, batch: torch.Tensor | None = None) ->
             module.reset_running_stats()
             module.momentum = None  # a plain average over the calibration batch
     model.train()
+    # Inception's auxiliary classifier runs in training mode only and needs 299 px inputs;
+    # the statistics are taken without it.
+    aux = getattr(model, "AuxLogits", None)
+    if aux is not None:
+        model.AuxLogits = None
     with torch.no_grad():
         model(torch.randn(16, 3, size, size) if batch is None else batch)
+    if aux is not None:
+        model.AuxLogits = aux
     return model.eval()

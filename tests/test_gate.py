@@ -373,3 +373,32 @@ def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sa
     assessment = predictor.assess(example_images()[0])
     assert assessment.answered and assessment.gate.status == "unusable"
     assert assessment.gate.in_domain is None
+
+
+def test_the_prefect_artifacts_and_the_comparison_say_when_a_gate_cannot_judge(tmp_path):
+    from skinsense.evaluation import EvalResult, comparison_row, write_comparison
+    from skinsense.reports import metrics_markdown, subgroups_markdown
+
+    def result(arch: str, status: str, reason: str = "", warning: str = "") -> EvalResult:
+        return EvalResult(arch=arch, model_dir=tmp_path, report_json=tmp_path / "e.json",
+                          n_images=61, metrics={"balanced_accuracy": 0.5, "ood_rate": 0.33},
+                          ood={"ood_rate": 0.33}, gate_status=status, gate_reason=reason,
+                          gate_warning=warning)
+
+    warning = "it refuses 33% of the test part's images, over 2 times its nominal 5%"
+    unusable = result("efficientnet_b0", "unusable", warning, warning)
+    noisy = result("resnet18", "usable", "", "it refuses 11% of the test part's images")
+    rows = [{"arch": r.arch, "run_link": "http://mlflow/run", "metrics": r.metrics,
+             "gate": comparison_row(r)["gate"]} for r in (unusable, noisy)]
+    page = metrics_markdown(rows)                 # the artifact `skinsense-metrics`
+    assert "| out-of-domain gate |" in page.splitlines()[0]
+    assert f"| UNUSABLE: {warning} |" in page
+    assert (f"- **efficientnet_b0: the out-of-domain gate is unusable**, and the app serves "
+            f"this model without it: {warning}") in page
+    assert "- **resnet18**: the out-of-domain gate it refuses 11%" in page
+    assert "The out-of-domain gate is unusable" in subgroups_markdown("efficientnet_b0",
+                                                                      unusable)
+    _, md = write_comparison([comparison_row(r) for r in (unusable, noisy)], tmp_path / "cmp")
+    table = md.read_text()
+    assert "| ood_rate | gate |" in table and f"UNUSABLE: {warning}" in table
+    assert "usable; warning: it refuses 11%" in table
