@@ -14,6 +14,9 @@ does not depend on the weights), measured in one run:
   Mahalanobis distances + the referral rule + JSON back;
 - request (gate off): the same request to a second app on the same folder with
   `ServeConfig.gate` off (no quality checks, no distances: the answer as before the gate);
+- request (log off): the gate-on request to a third app on the same folder with
+  `ServeConfig.log_predictions` off: the difference is the prediction log's row (SHA-256,
+  image header, one committed SQLite insert in WAL mode), which every other app writes;
 - explain: `api_name="/explain"` (Grad-CAM of the top class on the PyTorch weights, overlay
   at the upload's 600x450, JPEG back) against the gate-on app;
 - request, default client: the gate-on request with the default `Client(url)`, which builds
@@ -21,8 +24,8 @@ does not depend on the weights), measured in one run:
   the URL is http://;
 - throughput: 8 clients (ssl_verify=False) in threads against the gate-on app.
 
-Targets: request (gate on) p50 <= raw forward p50; gate on <= 1.1x gate off; explain <= 3x
-the raw forward. All compare `ssl_verify=False` requests: the TLS contexts are the client
+Targets: request (gate on) p50 <= raw forward p50; gate on <= 1.1x gate off; logging on
+<= 1.05x logging off; explain <= 3x the raw forward. All compare `ssl_verify=False` requests: the TLS contexts are the client
 library's cost on a connection that uses no TLS, not the service's.
 
 Usage: python bench/serve_latency.py [--requests 40] [--record]   (--record appends to
@@ -145,6 +148,8 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path,
         "request": call(Client(urls["on"], verbose=False, ssl_verify=False), "/classify"),
         "request_gate_off": call(Client(urls["off"], verbose=False, ssl_verify=False),
                                  "/classify"),
+        "request_log_off": call(Client(urls["nolog"], verbose=False, ssl_verify=False),
+                                "/classify"),
         "explain": call(Client(urls["on"], verbose=False, ssl_verify=False), "/explain"),
         "request_default_client": call(Client(urls["on"], verbose=False), "/classify"),
     }
@@ -161,18 +166,21 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path,
     return times
 
 
-def start_app(model_dir: Path, log_path: Path, *, gate: bool = True
+def start_app(model_dir: Path, log_path: Path, *, gate: bool = True, log: bool = True
               ) -> tuple[subprocess.Popen, str, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
-           "SKINSENSE_SERVE_CONFIG": json.dumps({"reload_interval_s": 0, "gate": gate})}
-    with open(log_path, "ab") as log:
+           # Each app's prediction log (SQLite) lives next to its server log.
+           "SKINSENSE_HOME": str(log_path.with_suffix("")),
+           "SKINSENSE_SERVE_CONFIG": json.dumps({"reload_interval_s": 0, "gate": gate,
+                                                 "log_predictions": log})}
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "skinsense.cli", "serve", "--model-uri", str(model_dir),
-             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+             "--port", str(port)], stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -183,6 +191,17 @@ def start_app(model_dir: Path, log_path: Path, *, gate: bool = True
             time.sleep(0.5)
     process.kill()
     raise SystemExit(f"the app did not start:\n{log_path.read_text()[-2000:]}")
+
+
+def count_logged(home: Path) -> int:
+    """Rows in an app's prediction log (proves the logging app really wrote them)."""
+    import sqlalchemy as sa
+
+    from skinsense.monitoring.database import Prediction, engine_for
+
+    engine = engine_for(f"sqlite:///{home / 'monitoring' / 'monitoring.db'}")
+    with engine.connect() as connection:
+        return connection.execute(sa.select(sa.func.count()).select_from(Prediction)).scalar()
 
 
 def throughput(url: str, images: list[Path], clients: int, per_client: int) -> float:
@@ -237,15 +256,19 @@ def main() -> None:
         on, url_on, state = start_app(model_dir, Path(tmp) / "app-on.log", gate=True)
         try:
             off, url_off, state_off = start_app(model_dir, Path(tmp) / "app-off.log", gate=False)
+            nolog, url_nolog, _ = start_app(model_dir, Path(tmp) / "app-nolog.log", log=False)
             try:
                 assert state["ood_gate"]["status"] == "on", state
                 assert state_off["ood_gate"]["status"] == "off", state_off
-                times = interleaved_ms(model_dir, {"on": url_on, "off": url_off}, images[0],
+                times = interleaved_ms(model_dir, {"on": url_on, "off": url_off,
+                                                   "nolog": url_nolog}, images[0],
                                        args.requests)
                 rps = throughput(url_on, images, 8, args.per_client)
+                logged_rows = count_logged(Path(tmp) / "app-on")
             finally:
-                os.killpg(off.pid, signal.SIGTERM)
-                off.wait(timeout=30)
+                for process in (off, nolog):
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(timeout=30)
         finally:
             os.killpg(on.pid, signal.SIGTERM)
             on.wait(timeout=30)
@@ -256,6 +279,8 @@ def main() -> None:
                    f"gradio_client `ssl_verify=False` (app backend: {state['backend']})",
         "request_gate_off": "the same request to an app with the gate off (`ServeConfig.gate` "
                             "false: no quality checks, no distances)",
+        "request_log_off": "the same gate-on request to an app with the prediction log off "
+                           "(`ServeConfig.log_predictions` false; all other rows log)",
         "explain": "/explain: Grad-CAM of the top class on the PyTorch weights, 600x450 "
                    "overlay back (gate on)",
         "request_default_client": "the gate-on request, default gradio_client (a TLS context "
@@ -265,6 +290,7 @@ def main() -> None:
     rows = [(names[k], p50[k], percentile(v, 95)) for k, v in times.items()]
     ratio, gate_ratio = p50["request"] / p50["raw"], p50["request"] / p50["request_gate_off"]
     explain_ratio = p50["explain"] / p50["raw"]
+    log_ratio = p50["request"] / p50["request_log_off"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [
         f"{ARCH} at {SIZE} px, random weights; {machine}; torch {torch.__version__}; "
@@ -278,14 +304,17 @@ def main() -> None:
         *[f"| {name} | {p50_ms:.1f} | {p95:.1f} |" for name, p50_ms, p95 in rows],
         f"| request p50 / raw forward p50 | {ratio:.2f} | |",
         f"| gate on p50 / gate off p50 | {gate_ratio:.3f} | |",
+        f"| logging on p50 / logging off p50 | {log_ratio:.3f} | |",
         f"| /explain p50 / raw forward p50 | {explain_ratio:.2f} | |",
         f"| default-client request p50 / raw forward p50 | "
         f"{p50['request_default_client'] / p50['raw']:.2f} | |",
         "",
         f"Throughput with 8 concurrent gradio_client clients x {args.per_client} requests "
-        f"(gate on): **{rps:.1f} requests/s** ({1000 / rps:.0f} ms per request on average).",
+        f"(gate on): **{rps:.1f} requests/s** ({1000 / rps:.0f} ms per request on average); "
+        f"the logging app's prediction log holds {logged_rows} rows at the end.",
         f"Targets: request p50 <= raw forward p50: **{'PASS' if ratio <= 1 else 'FAIL'}**; "
         f"gate on <= 1.1x gate off: **{'PASS' if gate_ratio <= 1.1 else 'FAIL'}**; "
+        f"logging on <= 1.05x logging off: **{'PASS' if log_ratio <= 1.05 else 'FAIL'}**; "
         f"/explain <= 3x raw forward: **{'PASS' if explain_ratio <= 3 else 'FAIL'}**.",
     ]
     print("\n".join(lines))
