@@ -111,8 +111,9 @@ class DataConfig(_Strict):
     refresh: bool = Field(
         False, description="Re-verify downloads (MD5) and extract the images again."
     )
+    # A plain default (pydantic copies it per instance), so the Prefect UI's form shows it.
     near_duplicates: NearDuplicateConfig = Field(
-        default_factory=NearDuplicateConfig,
+        NearDuplicateConfig(),
         description="Near-duplicate images across lesion_ids, grouped before the split.",
     )
     extra_sources: list[Literal["feedback"]] = Field(

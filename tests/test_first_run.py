@@ -201,9 +201,11 @@ def test_every_default_the_flow_uses_is_in_the_form_schema(monkeypatch):
     train = schema["definitions"]["TrainConfig"]["properties"]
     assert train["archs"]["default"] == list(DEFAULT_ARCHS)
     # What the form shows is what runs: a run with the form's values equals a plain one.
-    form_values = {model.lower().removesuffix("config"): {
-        name: field["default"] for name, field in definition["properties"].items()}
-        for model, definition in schema["definitions"].items() if model != "PipelineConfig"}
+    stages = {"data": "DataConfig", "train": "TrainConfig", "eval": "EvalConfig",
+              "serve": "ServeConfig"}
+    form_values = {stage: {name: field["default"] for name, field in
+                           schema["definitions"][model]["properties"].items()}
+                   for stage, model in stages.items()}
     monkeypatch.delenv("SKINSENSE_DATAVERSE_URL", raising=False)
     assert PipelineConfig.model_validate(form_values) == PipelineConfig()
 
