@@ -100,7 +100,8 @@ def test_the_monitor_flow_writes_its_artifact_and_run_and_emits_the_events(
     from test_app import MODEL_NAME, exported_template
 
     from flows.monitor import skinsense_monitor
-    from skinsense import registry, tracking
+    from skinsense import tracking
+    from skinsense.lifecycle import registry
     from skinsense.packaging import load_card
 
     tracking.configure(home)

@@ -54,7 +54,8 @@ def test_the_monitoring_artifact_shows_its_table_and_plots_in_the_prefect_ui(
     from test_monitoring import insert, reference, window
 
     from flows.monitor import skinsense_monitor
-    from skinsense import registry, stack, tracking
+    from skinsense import stack, tracking
+    from skinsense.lifecycle import registry
     from skinsense.config import MonitorConfig
     from skinsense.monitoring.reference import save_reference
 

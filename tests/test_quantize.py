@@ -243,8 +243,11 @@ def negate_the_head(int8_path: Path, out_path: Path) -> None:
     initializers = {i.name: i for i in model.graph.initializer}
     gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
     for name in gemm.input[1:3]:
-        scale = initializers[producers[name].input[1]]
-        scale.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(scale), scale.name))
+        # A float head (what the export keeps) has its weights as initializers; a quantized
+        # one dequantizes them, and negating the scale negates the weights.
+        tensor = initializers[name] if name in initializers else initializers[
+            producers[name].input[1]]
+        tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor), tensor.name))
     onnx.save(model, str(out_path))
 
 
