@@ -231,8 +231,9 @@ def test_a_deployment_run_on_postgres_registers_and_promotes(team_stack, synthet
     # Straight from Postgres: the rows behind what the servers said.
     assert postgres.query("prefect", "SELECT state_type FROM flow_run WHERE id = %s",
                           (str(created.id),)) == [("COMPLETED",)]
+    # The pipeline's two deployments and the monitor's (skinsense-monitor/daily).
     assert postgres.query("prefect", "SELECT name FROM deployment ORDER BY name") == \
-        [("manual",), ("scheduled-retraining",)]
+        [("daily",), ("manual",), ("scheduled-retraining",)]
     assert postgres.query("mlflow", "SELECT status FROM runs WHERE run_uuid = %s",
                           (parent.info.run_id,)) == [("FINISHED",)]
     assert postgres.query(
