@@ -95,7 +95,7 @@ def fit_example_gate(model_dir: Path) -> None:
     from PIL import Image
 
     from skinsense.export import weights_sha256
-    from skinsense.gate import choose_threshold, fit_gate, save_gate
+    from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
     from skinsense.labels import CODE_TO_INDEX
     from skinsense.packaging import load_card, save_card
     from skinsense.serving.app import EXAMPLES_DIR, example_images

@@ -114,7 +114,7 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
         # A model trained this briefly may have features that barely vary (issue 19): its
         # gate is then unusable, the app serves it without the gate and /health says why.
         from skinsense.packaging import load_card
-        from skinsense.registry import download_model_dir
+        from skinsense.lifecycle.registry import download_model_dir
 
         served = load_card(download_model_dir("skinsense", result["version"],
                                               tmp_path / "served"))
