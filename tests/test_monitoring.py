@@ -9,7 +9,6 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pytest
-import sqlalchemy as sa
 
 from skinsense.config import MonitorConfig
 from skinsense.labels import CLASS_CODES
@@ -27,6 +26,20 @@ def reference() -> dict:
             "class_mix": {"akiec": 45, "bcc": 75, "bkl": 165, "df": 17, "mel": 167,
                           "nv": 1006, "vasc": 20},
             "ood_scores": rng.normal(100, 10, 1500).tolist()}
+
+
+def register_champion(home, tmp_path_factory) -> tuple:
+    """The exported template with this module's reference, registered as the champion in an
+    MLflow store under `home`; returns its folder, version and the store."""
+    from test_app import Store, exported_template, register_version
+
+    from skinsense import tracking
+
+    tracking.configure(home)
+    model_dir = shutil.copytree(exported_template(tmp_path_factory), home.root / "champion")
+    save_reference(model_dir, reference())
+    store = Store(home, tracking.tracking_uri(home), tracking.ensure_experiment("skinsense", home))
+    return model_dir, register_version(store, model_dir), store
 
 
 def window(n: int, *, drifted: bool, seed: int = 1) -> pd.DataFrame:
@@ -97,21 +110,12 @@ def test_the_monitor_flow_writes_its_artifact_and_run_and_emits_the_events(
     import mlflow
     from prefect.client.orchestration import get_client
 
-    from test_app import MODEL_NAME, exported_template
+    from test_app import MODEL_NAME
 
     from flows.monitor import skinsense_monitor
-    from skinsense import tracking
-    from skinsense.lifecycle import registry
     from skinsense.packaging import load_card
 
-    tracking.configure(home)
-    model_dir = shutil.copytree(exported_template(tmp_path_factory), home.root / "champion")
-    save_reference(model_dir, reference())
-    run_id = mlflow.MlflowClient().create_run(
-        mlflow.set_experiment("skinsense").experiment_id).info.run_id
-    version = registry.register_candidate(model_dir, run_id=run_id, model_name=MODEL_NAME,
-                                          metric="balanced_accuracy", score=0.5, tags={})
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, registry.CHAMPION, version)
+    model_dir, version, store = register_champion(home, tmp_path_factory)
     insert(window(300, drifted=True))
     trained = pd.Timestamp(load_card(model_dir).trained_at)
     with engine_for().begin() as connection:
@@ -123,6 +127,10 @@ def test_the_monitor_flow_writes_its_artifact_and_run_and_emits_the_events(
     result = skinsense_monitor(MonitorConfig(model_name=MODEL_NAME, retrain_min_feedback=3))
     assert result["events"] == ["skinsense.drift.detected", "skinsense.feedback.ready"]
     assert result["champion_version"] == version
+    # The monitor leaves no experiment active in the process: a pipeline run later in the
+    # same worker process still registers into its own experiment's run.
+    from test_app import register_version
+    assert int(register_version(store, model_dir, champion=False)) == int(version) + 1
 
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.data.tags["drift"] == "true" and run.data.metrics["requests"] == 300

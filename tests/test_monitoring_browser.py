@@ -3,7 +3,6 @@ the monitoring artifact (table and plots) in the Prefect UI."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 
 import pytest
@@ -46,27 +45,17 @@ def test_a_clinician_enters_a_confirmed_diagnosis_in_the_app(browser, home,  # n
 
 def test_the_monitoring_artifact_shows_its_table_and_plots_in_the_prefect_ui(
         browser, home, tmp_path_factory, tmp_path, monkeypatch):  # noqa: F811
-    import mlflow
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from test_app import MODEL_NAME
-    from test_monitoring import insert, reference, window
+    from test_monitoring import insert, register_champion, window
 
     from flows.monitor import skinsense_monitor
-    from skinsense import stack, tracking
-    from skinsense.lifecycle import registry
+    from skinsense import stack
     from skinsense.config import MonitorConfig
-    from skinsense.monitoring.reference import save_reference
 
-    tracking.configure(home)
-    model_dir = shutil.copytree(exported_template(tmp_path_factory), home.root / "champion")
-    save_reference(model_dir, reference())
-    run_id = mlflow.MlflowClient().create_run(
-        mlflow.set_experiment("skinsense").experiment_id).info.run_id
-    version = registry.register_candidate(model_dir, run_id=run_id, model_name=MODEL_NAME,
-                                          metric="balanced_accuracy", score=0.5, tags={})
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, registry.CHAMPION, version)
+    register_champion(home, tmp_path_factory)
     insert(window(200, drifted=True))
     monkeypatch.delenv("PREFECT_HOME", raising=False)
     with socket.socket() as s:

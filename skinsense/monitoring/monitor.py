@@ -105,8 +105,11 @@ def run_monitor(cfg: MonitorConfig, home: Home, *, end: datetime | None = None
             "champion_trained_at": trained_at, "thresholds": cfg.model_dump()}
     out_dir.mkdir(parents=True, exist_ok=True)
     report_json.write_text(json.dumps(body, indent=2, default=str))
-    mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=f"monitor {end:%Y-%m-%d %H:%M}") as run:
+    # No mlflow.set_experiment: it would stay active in this process and make a later
+    # registration into another experiment's run (the pipeline's) fail.
+    experiment_id = tracking.ensure_experiment(cfg.experiment, home)
+    with mlflow.start_run(experiment_id=experiment_id,
+                          run_name=f"monitor {end:%Y-%m-%d %H:%M}") as run:
         mlflow.log_params({"window_hours": cfg.window_hours, "champion_version": version,
                            "window_start": start.isoformat(), "window_end": end.isoformat()})
         mlflow.log_metrics(report.metrics() | {"new_confirmed": float(new)})
