@@ -99,14 +99,24 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def onnx_session(onnx_path: Path, *, threads: int | None = None):
-    """An ONNX Runtime CPU session for `onnx_path` with one intra-op thread per core."""
+def onnx_session(onnx_path: Path, *, threads: int | None = None, spinning: bool = False):
+    """An ONNX Runtime CPU session for `onnx_path` with one intra-op thread per core.
+
+    `spinning` off (the default): ONNX Runtime's intra-op threads otherwise busy-wait after
+    each run, and in the app, where requests come tens of milliseconds apart and Gradio's
+    event loop, the upload and the JPEG decode need the same cores, they take those cores
+    from the work that finishes the request. Measured on 2 cores (efficientnet_b0, bench/
+    serve_latency.py): request p50 79.5 -> 65.3 ms, 2 clients 17 -> 26 requests/s; a run
+    alone after an idle pause pays about 3 ms to wake the threads.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or cpu_threads()
     # One request at a time already fills the cores; inter-op parallelism only oversubscribes.
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning",
+                                     "1" if spinning else "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(onnx_path), sess_options=options,
                                 providers=["CPUExecutionProvider"])

@@ -164,3 +164,18 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
                                   served.to_numpy(dtype=np.float64).argmax(axis=1))
     classified = torch_predictor.classify(images[0])
     assert classified["mel"] == pytest.approx(float(expected[0, 4]), abs=1e-6)
+
+
+def test_served_sessions_do_not_busy_wait_between_runs(exported):
+    """ONNX Runtime's threads would otherwise spin after each run on the cores that the app's
+    event loop and JPEG decode need (skinsense.export.onnx_session); asking for it works."""
+    from skinsense.export import onnx_session
+    from skinsense.serving.runtime import OnnxRunner
+
+    _, model_dir = exported
+    key = "session.intra_op.allow_spinning"
+    runner = OnnxRunner(model_dir / ONNX_FILE, threads=2, concurrency=2)
+    for session in (runner.wide, runner.narrow):
+        assert session.get_session_options().get_session_config_entry(key) == "0"
+    spinning = onnx_session(model_dir / ONNX_FILE, spinning=True)
+    assert spinning.get_session_options().get_session_config_entry(key) == "1"
