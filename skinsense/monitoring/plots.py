@@ -59,10 +59,7 @@ def _over_time(window: pd.DataFrame, reference: dict, path: Path, hours: float) 
     bottom.legend(fontsize=8, loc="upper left")
     fig.suptitle("SkinSense traffic over the window")
     fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _class_mix(answered: pd.DataFrame, reference: dict, path: Path) -> Path:
@@ -75,12 +72,7 @@ def _class_mix(answered: pd.DataFrame, reference: dict, path: Path) -> Path:
     ax.bar(x + 0.2, window, 0.4, label="window", color="#2563eb")
     ax.set_xticks(x, CLASS_CODES)
     ax.set_ylabel("share of answers (top class)")
-    ax.legend()
-    ax.set_title("Class mix of the answers")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, ax, "Class mix of the answers")
 
 
 def _ood_scores(scores: np.ndarray, reference: dict, path: Path) -> Path:
@@ -91,8 +83,14 @@ def _ood_scores(scores: np.ndarray, reference: dict, path: Path) -> Path:
     ax.hist(scores, bins=bins, density=True, alpha=0.6, label="window", color="#7c3aed")
     ax.set_xlabel("out-of-domain score (Mahalanobis)")
     ax.set_ylabel("density")
-    ax.legend()
-    ax.set_title("Out-of-domain scores")
+    return _save(fig, path, ax, "Out-of-domain scores")
+
+
+def _save(fig, path: Path, ax=None, title: str | None = None) -> Path:
+    """Legend and title on `ax` (when given), then the PNG at `path`; the figure is closed."""
+    if ax is not None:
+        ax.legend()
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -112,29 +112,28 @@ def _check_logins(services: dict[str, _Service], credentials: StackCredentials,
     MLflow's users, whose admin password is set only when the user database is created.
     """
     if PREFECT in names:
-        probe = f"{services[PREFECT].url}/api/admin/version"
-        if _http_status(probe, LOGIN_TIMEOUT_S) != 401:
-            raise StackError(
-                f"the Prefect server at {services[PREFECT].url} answers without a login: it was "
-                f"started without logins by an earlier `stack up`. Run `skinsense stack down`, "
-                f"then `stack up` again")
-        if _http_status(probe, LOGIN_TIMEOUT_S, credentials.prefect_headers()) != 200:
-            raise StackError(
-                f"the Prefect server at {services[PREFECT].url} refuses the stack's login: it "
-                f"runs with another {stack_auth.PREFECT_SERVER_AUTH_ENV}. Run `skinsense stack "
-                f"down`, then `stack up` again with the one you mean")
+        _check_login(services[PREFECT].url, "/api/admin/version", "the Prefect server",
+                     credentials.prefect_headers(),
+                     f"it runs with another {stack_auth.PREFECT_SERVER_AUTH_ENV}. Run "
+                     f"`skinsense stack down`, then `stack up` again with the one you mean")
     if MLFLOW in names:
-        probe = f"{services[MLFLOW].url}/api/2.0/mlflow/experiments/search?max_results=1"
-        if _http_status(probe, LOGIN_TIMEOUT_S) != 401:
-            raise StackError(
-                f"the MLflow server at {services[MLFLOW].url} answers without a login: it was "
-                f"started without logins by an earlier `stack up`. Run `skinsense stack down`, "
-                f"then `stack up` again")
-        if _http_status(probe, LOGIN_TIMEOUT_S, credentials.mlflow_headers()) != 200:
-            raise StackError(
-                f"MLflow refuses the admin login {credentials.mlflow_username!r}: its user "
-                f"database ({stack_auth.mask_password(urls['mlflow-auth'] or '')}) was created "
-                f"with another password ({stack_auth.MLFLOW_ADMIN_PASSWORD_ENV} sets it only "
-                f"when that database is new). Set {stack_auth.MLFLOW_ADMIN_PASSWORD_ENV} to the "
-                f"password it was created with, or change the password through MLflow's API "
-                f"(PATCH /api/2.0/mlflow/users/update-password as that admin)")
+        _check_login(
+            services[MLFLOW].url, "/api/2.0/mlflow/experiments/search?max_results=1",
+            "the MLflow server", credentials.mlflow_headers(),
+            f"its admin {credentials.mlflow_username!r} has another password: its user "
+            f"database ({stack_auth.mask_password(urls['mlflow-auth'] or '')}) was created "
+            f"with another password ({stack_auth.MLFLOW_ADMIN_PASSWORD_ENV} sets it only "
+            f"when that database is new). Set {stack_auth.MLFLOW_ADMIN_PASSWORD_ENV} to the "
+            f"password it was created with, or change the password through MLflow's API "
+            f"(PATCH /api/2.0/mlflow/users/update-password as that admin)")
+
+
+def _check_login(url: str, path: str, server: str, headers: dict[str, str],
+                 refused: str) -> None:
+    """`server` answers `path` with 401 to a stranger and 200 to the stack's login."""
+    if _http_status(url + path, LOGIN_TIMEOUT_S) != 401:
+        raise StackError(
+            f"{server} at {url} answers without a login: it was started without logins by an "
+            f"earlier `stack up`. Run `skinsense stack down`, then `stack up` again")
+    if _http_status(url + path, LOGIN_TIMEOUT_S, headers) != 200:
+        raise StackError(f"{server} at {url} refuses the stack's login: {refused}")
