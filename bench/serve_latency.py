@@ -369,9 +369,11 @@ class OthersCpu:
     def __exit__(self, *exc) -> None:
         end = self._others()
         self.wall = time.perf_counter() - self.wall
-        # Processes alive at both ends; one that came and went in between is missed, which
-        # the 1-minute load average printed beside it would show.
-        self.cpu_s = sum(end[k] - self.start[k] for k in end.keys() & self.start.keys())
+        # A process alive at both ends counts what it used in between, one that started in
+        # between all it used (another session's test run starting mid-bench); one that came
+        # and went in between is missed, which the 1-minute load average printed beside it
+        # would show.
+        self.cpu_s = sum(seconds - self.start.get(k, 0.0) for k, seconds in end.items())
         self.cores = self.cpu_s / self.wall
 
     @staticmethod
