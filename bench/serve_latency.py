@@ -16,11 +16,31 @@ one run:
   Runtime + the Mahalanobis distances + the referral rule + JSON back;
 - throughput: 1, 2, 4 and 8 clients (`ssl_verify=False`) in threads, against each app.
 
+With `--variants` (default none), more rows in the same rounds, each against the fp32 app or
+a further app on the same model folder, also serving fp32:
+
+- log-off: the fp32 request to an app with `ServeConfig.log_predictions` off: the difference
+  is the prediction log's row (SHA-256, image header, one committed SQLite insert in WAL
+  mode), which every other app writes (issue 21). The bench checks that the fp32 app's log
+  holds exactly one row per answer it gave and that the log-off app's holds none;
+- gate-off: the fp32 request to an app with `ServeConfig.gate` off (no quality checks, no
+  distances: the answer as before the gate; issue 13);
+- explain: `api_name="/explain"` against the fp32 app (Grad-CAM of the top class on the
+  PyTorch weights, overlay at the upload's 600x450, JPEG back; issue 13);
+- default-client: the fp32 request with the default `Client(url)`, which builds a TLS
+  context (certifi's CA bundle) for each of its HTTP calls even when the URL is http://.
+
+Every app keeps its SQLite prediction log in its own SKINSENSE_HOME next to its server log
+(in the bench's temporary folder), never in the caller's.
+
 Targets (issue 23, for efficientnet_b3): request p50 <= 0.5x raw forward p50; 8 clients >=
-2 x 1000 / raw forward p50 requests/s (both cores' worth of raw forwards).
+2 x 1000 / raw forward p50 requests/s (both cores' worth of raw forwards). With the
+variants (issues 13 and 21): logging on <= 1.05x logging off; gate on <= 1.1x gate off;
+/explain <= 3x raw forward. All are judged only when other processes left the machine idle
+(`OthersCpu`).
 
 Usage: python bench/serve_latency.py [--requests 40] [--archs efficientnet_b3] [--record]
-(--record appends to bench/RESULTS.md)
+[--variants log-off,gate-off,explain,default-client]   (--record appends to bench/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -139,10 +159,25 @@ def export_bench_int8(model_dir: Path, size: int) -> None:
         labels_npy=model_dir.parent / "calibration_labels.npy", size=size, n=len(images)))
 
 
+WARM_UP = 3  # untimed rounds first
+
+# --variants: each adds one kind of call to the interleaved rounds, (kind, the app it calls,
+# api_name, ssl_verify); "log-off" and "gate-off" also start an app of their own
+# (VARIANT_APPS: its ServeConfig options beside precision fp32).
+VARIANTS = {
+    "log-off": ("request_log_off", "log-off", "/classify", False),
+    "gate-off": ("request_gate_off", "gate-off", "/classify", False),
+    "explain": ("explain", "fp32", "/explain", False),
+    "default-client": ("request_default_client", "fp32", "/classify", True),
+}
+VARIANT_APPS = {"log-off": {"log_predictions": False}, "gate-off": {"gate": False}}
+
+
 def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int,
-                   n: int) -> dict[str, list[float]]:
-    """Raw forwards, both ONNX exports alone, and requests to the fp32 and the int8 app: one
-    of each per round, in a new random order every round.
+                   n: int, variants: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    """Raw forwards, both ONNX exports alone, `Predictor.assess` in both precisions, requests
+    to the fp32 and the int8 app, and the `variants`' calls: one of each per round, in a new
+    random order every round.
 
     Every kind then sees the same machine load and the same neighbours on average. A fixed
     order would not do: ONNX Runtime's and OpenMP's threads spin for a while after a call
@@ -172,7 +207,8 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int
         with torch.inference_mode():
             model(x)
 
-    def call(client, api_name: str):
+    def call(app: str, api_name: str, ssl_verify: bool = False):
+        client = Client(urls[app], verbose=False, ssl_verify=ssl_verify)
         return lambda: client.predict(handle_file(str(image)), api_name=api_name)
 
     kinds = {
@@ -181,33 +217,37 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int
         "onnx_int8": lambda: sessions["onnx_int8"].run(None, feed),
         "assess_fp32": lambda: predictors["fp32"].assess(upload),
         "assess_int8": lambda: predictors["int8"].assess(upload),
-        "request_fp32": call(Client(urls["fp32"], verbose=False, ssl_verify=False),
-                             "/classify"),
-        "request_int8": call(Client(urls["int8"], verbose=False, ssl_verify=False),
-                             "/classify"),
+        "request_fp32": call("fp32", "/classify"),
+        "request_int8": call("int8", "/classify"),
+        **{kind: call(app, api_name, ssl_verify)
+           for kind, app, api_name, ssl_verify in (VARIANTS[v] for v in variants)},
     }
     order = list(kinds)
     shuffle = random.Random(0).shuffle
     times: dict[str, list[float]] = {name: [] for name in kinds}
-    for i in range(n + 3):
+    for i in range(n + WARM_UP):
         shuffle(order)
         for name in order:
             start = time.perf_counter()
             kinds[name]()
-            if i >= 3:  # warm-up
+            if i >= WARM_UP:  # the first /explain also loads the app's PyTorch weights
                 times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
-def start_app(model_dir: Path, log_path: Path, *, precision: str = "auto",
-              extra: dict | None = None) -> tuple[subprocess.Popen, str, dict]:
+def start_app(model_dir: Path, log_path: Path, **serve) -> tuple[subprocess.Popen, str, dict]:
+    """`skinsense serve` on `model_dir` with these `ServeConfig` options (precision, gate,
+    log_predictions, ...); its prediction log in a SKINSENSE_HOME of its own next to
+    `log_path`, its server log."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
-           "SKINSENSE_SERVE_CONFIG": json.dumps({"reload_interval_s": 0, "precision": precision,
-                                                  **(extra or {})})}
+    env = {key: value for key, value in os.environ.items()
+           if key != "SKINSENSE_LOG_DATABASE_URL"}
+    env.update({"GRADIO_ANALYTICS_ENABLED": "False",
+                "SKINSENSE_HOME": str(log_path.with_suffix("")),
+                "SKINSENSE_SERVE_CONFIG": json.dumps({"reload_interval_s": 0, **serve})})
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "skinsense.cli", "serve", "--model-uri", str(model_dir),
@@ -222,6 +262,19 @@ def start_app(model_dir: Path, log_path: Path, *, precision: str = "auto",
             time.sleep(0.5)
     process.kill()
     raise SystemExit(f"the app did not start:\n{log_path.read_text()[-2000:]}")
+
+
+def count_logged(log_path: Path) -> int:
+    """Rows in the prediction log of the app whose server log is `log_path` (0: none kept)."""
+    import sqlalchemy as sa
+
+    from skinsense.monitoring.database import Prediction, engine_for
+
+    database = log_path.with_suffix("") / "monitoring" / "monitoring.db"
+    if not database.exists():
+        return 0
+    with engine_for(f"sqlite:///{database}").connect() as connection:
+        return connection.execute(sa.select(sa.func.count()).select_from(Prediction)).scalar()
 
 
 def throughput(url: str, images: list[Path], clients: int, per_client: int) -> float:
@@ -258,7 +311,7 @@ CLIENTS = (1, 2, 4, 8)
 
 
 def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
-    """Every figure of one architecture, both apps started and stopped here."""
+    """Every figure of one architecture, its apps started and stopped here."""
     from skinsense.packaging import ModelCard, save_model_dir
     from skinsense.serving.app import example_images
 
@@ -269,14 +322,18 @@ def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
                                tmp / arch / "model")
     export_bench_int8(model_dir, size)
     fit_example_gate(model_dir)
+    serve = {"fp32": {"precision": "fp32"}, "int8": {"precision": "int8"},
+             **{v: {"precision": "fp32", **VARIANT_APPS[v]}
+                for v in args.variants if v in VARIANT_APPS}}
     apps, urls, states = {}, {}, {}
+    logs = {name: tmp / arch / f"app-{name}.log" for name in serve}
     try:
-        for precision in ("fp32", "int8"):
-            apps[precision], urls[precision], states[precision] = start_app(
-                model_dir, tmp / arch / f"app-{precision}.log", precision=precision)
-            assert states[precision]["precision"] == precision, states[precision]
-            assert states[precision]["ood_gate"]["status"] == "on", states[precision]
-        times = interleaved_ms(model_dir, urls, images[0], size, args.requests)
+        for name, options in serve.items():
+            apps[name], urls[name], states[name] = start_app(model_dir, logs[name], **options)
+            gate = "on" if options.get("gate", True) else "off"
+            assert states[name]["precision"] == options["precision"], states[name]
+            assert states[name]["ood_gate"]["status"] == gate, states[name]
+        times = interleaved_ms(model_dir, urls, images[0], size, args.requests, args.variants)
         rps = {(precision, clients): throughput(urls[precision], images, clients,
                                                 args.per_client)
                for clients in CLIENTS for precision in ("fp32", "int8")}
@@ -284,7 +341,15 @@ def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
         for process in apps.values():
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
-    return {"times": times, "rps": rps, "state": states["int8"]}
+    logged = None
+    if "log-off" in args.variants:
+        # Every answer of the fp32 app is a row (the rounds' calls to it and its throughput
+        # requests); the log-off app must have none, or the ratio compares nothing.
+        calls = 1 + sum(VARIANTS[v][1] == "fp32" for v in args.variants)
+        logged = {"fp32": count_logged(logs["fp32"]), "log-off": count_logged(logs["log-off"]),
+                  "answered": calls * (args.requests + WARM_UP)
+                              + sum(CLIENTS) * args.per_client}
+    return {"times": times, "rps": rps, "state": states["int8"], "logged": logged}
 
 
 # The share of the machine's cores that other processes may use while an architecture is
@@ -304,9 +369,11 @@ class OthersCpu:
     def __exit__(self, *exc) -> None:
         end = self._others()
         self.wall = time.perf_counter() - self.wall
-        # Processes alive at both ends; one that came and went in between is missed, which
-        # the 1-minute load average printed beside it would show.
-        self.cpu_s = sum(end[k] - self.start[k] for k in end.keys() & self.start.keys())
+        # A process alive at both ends counts what it used in between, one that started in
+        # between all it used (another session's test run starting mid-bench); one that came
+        # and went in between is missed, which the 1-minute load average printed beside it
+        # would show.
+        self.cpu_s = sum(seconds - self.start.get(k, 0.0) for k, seconds in end.items())
         self.cores = self.cpu_s / self.wall
 
     @staticmethod
@@ -337,16 +404,25 @@ def arch_lines(arch: str, size: int, result: dict, *, others: float = 0.0) -> li
         "assess_int8": "the same, int8",
         "request_fp32": "full /classify request (gate on), app serving fp32",
         "request_int8": "full /classify request (gate on), app serving int8",
+        "request_log_off": "the fp32 request to an app with the prediction log off "
+                           "(`ServeConfig.log_predictions` false; every other app logs)",
+        "request_gate_off": "the fp32 request to an app with the gate off (`ServeConfig.gate` "
+                            "false: no quality checks, no distances)",
+        "explain": "/explain against the fp32 app: Grad-CAM of the top class on the PyTorch "
+                   "weights, 600x450 overlay back",
+        "request_default_client": "the fp32 request, default gradio_client (a TLS context "
+                                  "built per HTTP call)",
     }
     target_rps = 2 * 1000 / p50["raw"]
     best = min(("fp32", "int8"), key=lambda p: p50[f"request_{p}"])
+    ratios = [r for r in RATIOS if r[0] in p50 and r[1] in p50]
     busy = others > OTHERS_MAX_CORES
     lines = [
         f"### {arch} at {size} px",
         "",
         "| measurement | p50 ms | p95 ms |",
         "| --- | ---: | ---: |",
-        *[f"| {names[k]} | {p50[k]:.1f} | {p95[k]:.1f} |" for k in names],
+        *[f"| {names[k]} | {p50[k]:.1f} | {p95[k]:.1f} |" for k in names if k in p50],
         f"| int8 speed-up, ONNX Runtime alone (fp32 p50 / int8 p50) | "
         f"{p50['onnx_fp32'] / p50['onnx_int8']:.2f}x | |",
         f"| int8 speed-up, whole request | "
@@ -356,6 +432,7 @@ def arch_lines(arch: str, size: int, result: dict, *, others: float = 0.0) -> li
         f"{p50['request_int8'] - p50['assess_int8']:.1f} | |",
         f"| request p50 / raw forward p50, fp32 / int8 | "
         f"{p50['request_fp32'] / p50['raw']:.2f} / {p50['request_int8'] / p50['raw']:.2f} | |",
+        *[f"| {what} | {p50[a] / p50[b]:.3f} | |" for a, b, what, _, _ in ratios],
         "",
         "| clients | fp32 requests/s | int8 requests/s |",
         "| ---: | ---: | ---: |",
@@ -375,6 +452,52 @@ def arch_lines(arch: str, size: int, result: dict, *, others: float = 0.0) -> li
            f"{'PASS' if rps[('int8', 8)] >= target_rps else 'FAIL'}.")
         + f" Faster request: {best}.",
     ]
+    if ratios:
+        lines += ["", *variant_verdicts(p50, ratios, result["logged"], busy)]
+    return lines
+
+
+# The variants' ratios, (numerator, denominator, table row, target, at most): issue 13 (gate,
+# /explain) and issue 21 (the prediction log).
+RATIOS = (
+    ("request_fp32", "request_log_off", "logging on p50 / logging off p50 (fp32 apps)",
+     "logging on <= 1.05x logging off", 1.05),
+    ("request_fp32", "request_gate_off", "gate on p50 / gate off p50 (fp32 apps)",
+     "gate on <= 1.1x gate off", 1.1),
+    ("explain", "raw", "/explain p50 / raw forward p50", "/explain <= 3x raw forward", 3.0),
+    ("request_default_client", "raw", "default-client request p50 / raw forward p50", None,
+     None),
+)
+
+
+def log_check(logged: dict | None) -> str | None:
+    """What is wrong with the prediction logs of the log-off variant, None when nothing."""
+    if logged is None or (logged["fp32"] == logged["answered"] and logged["log-off"] == 0):
+        return None
+    return (f"the fp32 app's log holds {logged['fp32']} rows for the {logged['answered']} "
+            f"answers it gave (one each), the log-off app's {logged['log-off']} (none)")
+
+
+def variant_verdicts(p50: dict[str, float], ratios, logged: dict | None,
+                     busy: bool) -> list[str]:
+    lines = []
+    if logged is not None:
+        lines.append(f"Prediction logs: the fp32 app's holds {logged['fp32']} rows for the "
+                     f"{logged['answered']} answers it gave, the log-off app's "
+                     f"{logged['log-off']}.")
+    verdicts = []
+    for a, b, _, target, limit in ratios:
+        if target is None:
+            continue
+        if b == "request_log_off" and log_check(logged):
+            verdict = f"**not valid**: {log_check(logged)}"
+        else:
+            verdict = "PASS" if p50[a] / p50[b] <= limit else "FAIL"
+        verdicts.append(f"{target}: {verdict}")
+    if busy:
+        lines.append("Variant targets not judged: the machine was busy.")
+    elif verdicts:
+        lines.append(f"Variant targets (issues 13 and 21): {'; '.join(verdicts)}.")
     return lines
 
 
@@ -384,21 +507,34 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=10)
     parser.add_argument("--archs", default=",".join(SIZES))
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--variants", default="", help="comma-separated extra rows in the same "
+                        f"rounds: {', '.join(VARIANTS)} (default none; see the module doc)")
     args = parser.parse_args()
+    args.variants = tuple(dict.fromkeys(v for v in args.variants.split(",") if v))
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        parser.error(f"unknown --variants {', '.join(unknown)}; choose from "
+                     f"{', '.join(VARIANTS)}")
+    if unknown := [a for a in args.archs.split(",") if a not in SIZES]:
+        parser.error(f"unknown --archs {', '.join(unknown)}; choose from {', '.join(SIZES)}")
     load_start = os.getloadavg()[0]
     lines: list[str] = []
+    log_problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="skinsense-bench-") as tmp:
         for arch in args.archs.split(","):
             with OthersCpu() as others:
                 result = bench_arch(arch, SIZES[arch], Path(tmp), args)
             block = arch_lines(arch, SIZES[arch], result, others=others.cores)
+            if problem := log_check(result["logged"]):
+                log_problems.append(f"{arch}: {problem}")
             print("\n".join(block), flush=True)
             lines += [*block, ""]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     header = (f"{machine}; torch {torch.__version__}; {date.today().isoformat()}; random weights "
               f"(batch-norm statistics from one random batch), int8 calibrated on the example "
               f"views, a gate fitted on them; {args.requests} timed rounds (one call of each "
-              f"kind per round, in a random order each round) after 3 warm-up rounds; "
+              f"kind per round, in a random order each round) after {WARM_UP} warm-up rounds; "
+              + (f"variants: {', '.join(args.variants)} (their apps serve fp32); "
+                 if args.variants else "") +
               f"throughput: N gradio_client clients (ssl_verify=False) x {args.per_client} "
               f"requests each; 1-minute load average at the start {load_start:.1f}, at the end "
               f"{os.getloadavg()[0]:.1f}.")
@@ -409,6 +545,8 @@ def main() -> None:
             text = text.rstrip() + f"\n\n{SECTION}\n"
         RESULTS.write_text(text.rstrip() + "\n\n### int8 beside fp32 (issue 23)\n\n"
                            + header + "\n\n" + "\n".join(lines) + "\n")
+    if log_problems:
+        raise SystemExit("the prediction log check failed: " + "; ".join(log_problems))
 
 
 if __name__ == "__main__":
