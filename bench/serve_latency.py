@@ -4,11 +4,14 @@ gradio_client against the raw model forward, for efficientnet_b0 (224 px), effic
 
 For each architecture (random weights, batch-norm statistics taken from one random batch so
 that activations have a realistic scale; latency does not depend on the weights), measured in
-one run:
+one run, in two phases: the calls in the bench process (raw, ONNX Runtime alone, assess)
+before any app starts, then the requests with the apps running:
 
 - raw: the eager PyTorch forward of the same network, batch 1, fp32, on a ready tensor;
 - ONNX Runtime alone: `model.onnx` and `model.int8.onnx` (`skinsense.quantize.export_int8`,
   calibrated here on flipped and turned views of the real examples), batch 1, all cores;
+- assess fp32 / int8: `Predictor.assess` on the JPEG's bytes in the bench process, the
+  server's work without Gradio and HTTP;
 - request fp32 / int8: `Client.predict(handle_file(jpeg), api_name="/classify")` against two
   apps started as `skinsense serve` on the same model folder with `serve.precision` forced to
   fp32 and to int8, with an out-of-domain gate (fitted on the example views, so every answer
@@ -64,7 +67,6 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
-SECTION = "## Serving latency (bench/serve_latency.py)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -173,33 +175,21 @@ VARIANTS = {
 VARIANT_APPS = {"log-off": {"log_predictions": False}, "gate-off": {"gate": False}}
 
 
-def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int,
-                   n: int, variants: tuple[str, ...] = ()) -> dict[str, list[float]]:
-    """Raw forwards, both ONNX exports alone, `Predictor.assess` in both precisions, requests
-    to the fp32 and the int8 app, and the `variants`' calls: one of each per round, in a new
-    random order every round.
-
-    Every kind then sees the same machine load and the same neighbours on average. A fixed
-    order would not do: ONNX Runtime's and OpenMP's threads spin for a while after a call
-    and slow down whatever runs next on the 2 cores, so the kind that always followed the
-    gate-on request measured 1.7x slower than it (a first run of this bench).
-    """
-    import random
-
+def forward_kinds(model_dir: Path, image: Path, size: int) -> dict:
+    """The calls measured before any app starts: the raw eager forward, both ONNX exports
+    alone and `Predictor.assess` in both precisions, all in this process."""
     import numpy as np
-    from gradio_client import Client, handle_file
 
     from skinsense.export import ONNX_FILE, onnx_session
     from skinsense.packaging import load_model_dir
     from skinsense.quantize import INT8_FILE
+    from skinsense.serving.predictor import Predictor
 
     model, _ = load_model_dir(model_dir)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     feed = {"image": np.ascontiguousarray(x.numpy())}
     sessions = {name: onnx_session(model_dir / file)
                 for name, file in (("onnx_fp32", ONNX_FILE), ("onnx_int8", INT8_FILE))}
-    from skinsense.serving.predictor import Predictor
-
     predictors = {p: Predictor.from_model_dir(model_dir, precision=p) for p in ("fp32", "int8")}
     upload = image.read_bytes()
 
@@ -207,21 +197,45 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path, size: int
         with torch.inference_mode():
             model(x)
 
-    def call(app: str, api_name: str, ssl_verify: bool = False):
-        client = Client(urls[app], verbose=False, ssl_verify=ssl_verify)
-        return lambda: client.predict(handle_file(str(image)), api_name=api_name)
-
-    kinds = {
+    return {
         "raw": raw,
         "onnx_fp32": lambda: sessions["onnx_fp32"].run(None, feed),
         "onnx_int8": lambda: sessions["onnx_int8"].run(None, feed),
         "assess_fp32": lambda: predictors["fp32"].assess(upload),
         "assess_int8": lambda: predictors["int8"].assess(upload),
+    }
+
+
+def request_kinds(urls: dict[str, str], image: Path, variants: tuple[str, ...] = ()) -> dict:
+    """Requests to the fp32 and the int8 app, and the `variants`' calls."""
+    from gradio_client import Client, handle_file
+
+    def call(app: str, api_name: str, ssl_verify: bool = False):
+        client = Client(urls[app], verbose=False, ssl_verify=ssl_verify)
+        return lambda: client.predict(handle_file(str(image)), api_name=api_name)
+
+    return {
         "request_fp32": call("fp32", "/classify"),
         "request_int8": call("int8", "/classify"),
         **{kind: call(app, api_name, ssl_verify)
            for kind, app, api_name, ssl_verify in (VARIANTS[v] for v in variants)},
     }
+
+
+def interleaved_ms(kinds: dict, n: int) -> dict[str, list[float]]:
+    """One call of each kind per round, in a new random order every round, after WARM_UP
+    rounds.
+
+    Every kind then sees the same machine load and the same neighbours on average. A fixed
+    order would not do: ONNX Runtime's and OpenMP's threads spin for a while after a call
+    and slow down whatever runs next on the 2 cores, so the kind that always followed the
+    gate-on request measured 1.7x slower than it (a first run of this bench). The forwards
+    in this process are measured before the apps start (`bench_arch`): with the apps'
+    threads finishing each request beside it, the 2-thread eager forward measured 3-5x its
+    time on a quiet machine, and every ratio against it flattered the app.
+    """
+    import random
+
     order = list(kinds)
     shuffle = random.Random(0).shuffle
     times: dict[str, list[float]] = {name: [] for name in kinds}
@@ -325,6 +339,7 @@ def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
     serve = {"fp32": {"precision": "fp32"}, "int8": {"precision": "int8"},
              **{v: {"precision": "fp32", **VARIANT_APPS[v]}
                 for v in args.variants if v in VARIANT_APPS}}
+    times = interleaved_ms(forward_kinds(model_dir, images[0], size), args.requests)
     apps, urls, states = {}, {}, {}
     logs = {name: tmp / arch / f"app-{name}.log" for name in serve}
     try:
@@ -333,7 +348,7 @@ def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
             gate = "on" if options.get("gate", True) else "off"
             assert states[name]["precision"] == options["precision"], states[name]
             assert states[name]["ood_gate"]["status"] == gate, states[name]
-        times = interleaved_ms(model_dir, urls, images[0], size, args.requests, args.variants)
+        times |= interleaved_ms(request_kinds(urls, images[0], args.variants), args.requests)
         rps = {(precision, clients): throughput(urls[precision], images, clients,
                                                 args.per_client)
                for clients in CLIENTS for precision in ("fp32", "int8")}
@@ -360,35 +375,44 @@ OTHERS_MAX_CORES = 0.25
 class OthersCpu:
     """CPU seconds spent by processes outside this bench's own tree (the bench, its apps and
     their workers) while the block runs: the load average cannot tell them apart, and the
-    bench's own 8 clients push it over the core count on an idle machine."""
+    bench's own 8 clients push it over the core count on an idle machine.
+
+    The machine's busy time (/proc/stat through psutil) less the tree's own: this process's
+    and its waited-for children's (getrusage; the apps are stopped and waited for inside the
+    block) and any child still running. Short-lived processes, such as another session's
+    test run that starts and ends during the block, are counted too, which a walk over the
+    process table at both ends would miss.
+    """
 
     def __enter__(self) -> OthersCpu:
-        self.start, self.wall = self._others(), time.perf_counter()
+        self.start, self.wall = self._busy_and_ours(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        end = self._others()
+        busy, ours = self._busy_and_ours()
         self.wall = time.perf_counter() - self.wall
-        # A process alive at both ends counts what it used in between, one that started in
-        # between all it used (another session's test run starting mid-bench); one that came
-        # and went in between is missed, which the 1-minute load average printed beside it
-        # would show.
-        self.cpu_s = sum(seconds - self.start.get(k, 0.0) for k, seconds in end.items())
+        self.cpu_s = max(0.0, (busy - self.start[0]) - (ours - self.start[1]))
         self.cores = self.cpu_s / self.wall
 
     @staticmethod
-    def _others() -> dict[tuple[int, float], float]:
+    def _busy_and_ours() -> tuple[float, float]:
+        import resource
+
         import psutil
 
-        me = psutil.Process()
-        ours = {me.pid, *(c.pid for c in me.children(recursive=True))}
-        seconds = {}
-        for proc in psutil.process_iter(["pid", "create_time", "cpu_times"]):
-            if proc.info["pid"] in ours or proc.info["cpu_times"] is None:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        ours = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            ours += usage.ru_utime + usage.ru_stime
+        for child in psutil.Process().children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.NoSuchProcess:
                 continue
-            times = proc.info["cpu_times"]
-            seconds[(proc.info["pid"], proc.info["create_time"])] = times.user + times.system
-        return seconds
+            ours += times.user + times.system
+        return busy, ours
 
 
 def arch_lines(arch: str, size: int, result: dict, *, others: float = 0.0) -> list[str]:
@@ -532,7 +556,9 @@ def main() -> None:
     header = (f"{machine}; torch {torch.__version__}; {date.today().isoformat()}; random weights "
               f"(batch-norm statistics from one random batch), int8 calibrated on the example "
               f"views, a gate fitted on them; {args.requests} timed rounds (one call of each "
-              f"kind per round, in a random order each round) after {WARM_UP} warm-up rounds; "
+              f"kind per round, in a random order each round) after {WARM_UP} warm-up rounds, "
+              f"first the forwards and assess in the bench process with no app running, then "
+              f"the requests; "
               + (f"variants: {', '.join(args.variants)} (their apps serve fp32); "
                  if args.variants else "") +
               f"throughput: N gradio_client clients (ssl_verify=False) x {args.per_client} "
@@ -540,11 +566,12 @@ def main() -> None:
               f"{os.getloadavg()[0]:.1f}.")
     print(header)
     if args.record:
+        # A section of its own at the end (each architecture a ### under it), to be moved
+        # beside the run it follows up when that is not the last one.
         text = RESULTS.read_text() if RESULTS.exists() else ""
-        if SECTION not in text:
-            text = text.rstrip() + f"\n\n{SECTION}\n"
-        RESULTS.write_text(text.rstrip() + "\n\n### int8 beside fp32 (issue 23)\n\n"
-                           + header + "\n\n" + "\n".join(lines) + "\n")
+        title = f"## Serving latency, a run of {date.today().isoformat()} (bench/serve_latency.py)"
+        RESULTS.write_text(f"{text.rstrip()}\n\n{title}\n\n{header}\n\n"
+                           + "\n".join(lines) + "\n")
     if log_problems:
         raise SystemExit("the prediction log check failed: " + "; ".join(log_problems))
 
