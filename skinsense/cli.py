@@ -386,14 +386,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skinsense",
-        description="Train, register and serve a HAM10000 skin-lesion classifier. "
-        "All state lives under $SKINSENSE_HOME (default ./skinsense_home); MLflow at "
-        "$MLFLOW_TRACKING_URI when set.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_commands(sub) -> None:  # noqa: ANN001 (argparse's private subparsers type)
+    """`synth`, `fetch` and `split`: the data steps a person may run by hand."""
     p = sub.add_parser("synth", help="write a synthetic HAM10000-format sample")
     p.add_argument("--out", required=True, help="folder to write into")
     p.add_argument("--images", type=int, default=10015)
@@ -426,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --images: only check the images, do not group near-duplicates")
     p.set_defaults(func=cmd_split)
 
+
+def _add_pipeline_command(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("pipeline", help="run the whole Prefect flow")
     p.add_argument("--data-source", help="'dataverse' (default) or a local folder/zip")
     p.add_argument("--archs", help="comma-separated, default efficientnet_b0,efficientnet_b3,maxvit_t")
@@ -443,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file with a full PipelineConfig (flags override it)")
     p.set_defaults(func=cmd_pipeline)
 
+
+def _add_serve_command(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("serve", help="serve the Gradio app")
     p.add_argument("--model-uri", default="models:/skinsense@champion",
                    help="registered model URI or an exported model folder")
@@ -453,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one (default: $SKINSENSE_SERVE_CONFIG's, else auto)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_registry_command(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("registry", help="show, promote or roll back registered model versions")
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("show", help="list versions with aliases, metrics and decisions")
@@ -464,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("rollback", help="move the champion back to the one it replaced")
     a.add_argument("--name", default="skinsense", help="registered model name")
     p.set_defaults(func=cmd_registry)
+
+
+def _add_stack_command(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("stack", help="local Prefect + MLflow servers, deployment runner and app")
     p.add_argument("action", choices=["up", "status", "down"])
     p.add_argument("--host", default="127.0.0.1",
@@ -494,18 +497,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "else generated into $SKINSENSE_HOME/stack/credentials.env")
     p.set_defaults(func=cmd_stack)
 
+
+def _add_train_node_command(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("train-node",
                        help="join a multi-node training (train.num_nodes > 1) from this machine")
     p.add_argument("spec", help="the train_spec.json that the first node printed (on the "
                                 "shared SKINSENSE_HOME)")
     p.set_defaults(func=cmd_train_node)
 
+
+def _add_deploy_command(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("deploy", help="Prefect deployments of the pipeline")
     p.add_argument("action", choices=["serve"],
                    help="serve: register 'manual' and 'scheduled-retraining' and run them "
                         "from this process (needs PREFECT_API_URL)")
     p.set_defaults(func=cmd_deploy)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinsense",
+        description="Train, register and serve a HAM10000 skin-lesion classifier. "
+        "All state lives under $SKINSENSE_HOME (default ./skinsense_home); MLflow at "
+        "$MLFLOW_TRACKING_URI when set.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # One function per command group; the order here is the order of `skinsense --help`.
+    for add in (_add_data_commands, _add_pipeline_command, _add_serve_command,
+                _add_registry_command, _add_stack_command, _add_train_node_command,
+                _add_deploy_command):
+        add(sub)
     from skinsense.monitoring.cli import add_parser as add_feedback_parser
 
     add_feedback_parser(sub)

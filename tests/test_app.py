@@ -292,7 +292,7 @@ BAD_INPUTS = bad_inputs()
 
 
 def test_a_real_sample_is_classified(client, template):
-    from skinsense.serving.app import label_text
+    from skinsense.serving.answers import label_text
     from skinsense.serving.predictor import Predictor
 
     # An old-style call: the same input, the same two outputs.
@@ -650,7 +650,7 @@ def test_eight_clients_and_a_champion_swap_under_load(app, store, template):
 
 
 def test_an_unsure_answer_says_so_and_claims_calibration_only_when_fitted():
-    from skinsense.serving.app import likely_wrong_note
+    from skinsense.serving.answers import likely_wrong_note
 
     sure = {"nv": 0.7, "mel": 0.2, "bkl": 0.1}
     unsure = {"nv": 0.4, "mel": 0.35, "bkl": 0.25}

@@ -10,7 +10,7 @@ import pytest
 from test_app import exported_template, non_dermatoscopic_photo, running_app
 
 from skinsense.labels import CLASS_CODES
-from skinsense.serving.app import label_text
+from skinsense.serving.answers import label_text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pandas as pd
 import pytest
 
-from skinsense.cli import main
+from skinsense.cli import build_parser, main
 
 FIXTURE = "tests/fixtures/HAM10000_metadata.csv"
 
@@ -50,3 +52,29 @@ def test_serve_of_an_unknown_model_says_what_to_pass(capsys, home):
     assert main(["serve", "--model-uri", "models:/nope@champion", "--port", "1"]) == 1
     err = capsys.readouterr().err
     assert "models:/nope@champion" in err and "registry show" in err
+
+
+def _command_paths(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command and subcommand of `parser`, as the words that name it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name)
+                yield from _command_paths(sub, (*path, name))
+
+
+def test_every_command_answers_help(capsys):
+    paths = list(_command_paths(build_parser()))
+    assert [p[0] for p in paths if len(p) == 1] == [
+        "synth", "fetch", "split", "pipeline", "serve", "registry", "stack", "train-node",
+        "deploy", "feedback"]
+    assert {p for p in paths if len(p) == 2} == {
+        ("registry", "show"), ("registry", "promote"), ("registry", "rollback"),
+        ("feedback", "add"), ("feedback", "list")}
+    for path in paths:
+        with pytest.raises(SystemExit) as exited:
+            main([*path, "--help"])
+        assert exited.value.code == 0, path
+        out = capsys.readouterr().out
+        assert out.split()[:2 + len(path)] == ["usage:", "skinsense", *path], out[:200]
+        assert "-h, --help" in out

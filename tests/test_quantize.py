@@ -256,8 +256,9 @@ def test_a_bad_int8_model_is_refused_and_fp32_served_with_the_reason(trained_int
     import shutil
 
     from skinsense.config import ServeConfig
-    from skinsense.serving.app import footer_text, health_state
+    from skinsense.serving.app import health_state
     from skinsense.serving.loading import LoadedModel
+    from skinsense.serving.page import footer_text
     from skinsense.serving.predictor import Predictor
     from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
 

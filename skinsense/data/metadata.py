@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -91,18 +91,30 @@ def load_metadata(csv: Path | str) -> pd.DataFrame:
             names the file and the 1-based CSV lines concerned.
     """
     csv = Path(csv)
+    df = _read_metadata_csv(csv)
+    # In this order: each check relies on the ones before it (columns present, ids filled).
+    for check in (_check_columns, _check_ids_filled, _check_dx_known, _check_images_unique,
+                  _check_one_dx_per_lesion):
+        check(df, csv)
+    return df.reset_index(drop=True)
+
+
+def _read_metadata_csv(csv: Path) -> pd.DataFrame:
     if not csv.is_file():
         raise MetadataError(
             f"{csv}: metadata file not found; run `skinsense fetch` (or point the data "
             "source at a folder that holds HAM10000_metadata.csv)"
         )
     try:
-        df = pd.read_csv(csv, dtype={c: str for c in _IDENTITY_COLUMNS})
+        return pd.read_csv(csv, dtype={c: str for c in _IDENTITY_COLUMNS})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise MetadataError(
             f"{csv}: not a readable CSV ({exc}); re-fetch it with `skinsense fetch --refresh`"
         ) from exc
 
+
+def _check_columns(df: pd.DataFrame, csv: Path) -> None:
+    """The HAM10000 columns are there, with rows under them."""
     missing = [c for c in METADATA_COLUMNS if c not in df.columns]
     if missing:
         raise MetadataError(
@@ -110,11 +122,13 @@ def load_metadata(csv: Path | str) -> pd.DataFrame:
             f"{list(METADATA_COLUMNS)} (found {list(df.columns)}). Check that this is the "
             "HAM10000 metadata CSV, or re-fetch it with `skinsense fetch --refresh`."
         )
-
     if df.empty:
         raise MetadataError(
             f"{csv}: no rows under the header; re-fetch it with `skinsense fetch --refresh`"
         )
+
+
+def _check_ids_filled(df: pd.DataFrame, csv: Path) -> None:
     for column in ("lesion_id", "image_id"):
         empty = df[column].isna() | (df[column].astype(str).str.strip() == "")
         if empty.any():
@@ -125,6 +139,8 @@ def load_metadata(csv: Path | str) -> pd.DataFrame:
                 + f". Fill in {column} or remove these rows."
             )
 
+
+def _check_dx_known(df: pd.DataFrame, csv: Path) -> None:
     bad_dx = ~df["dx"].isin(CLASS_CODES)
     if bad_dx.any():
         raise MetadataError(
@@ -134,6 +150,8 @@ def load_metadata(csv: Path | str) -> pd.DataFrame:
             + ". Correct the dx (lower-case class codes) or remove these rows."
         )
 
+
+def _check_images_unique(df: pd.DataFrame, csv: Path) -> None:
     duplicated = df["image_id"].duplicated(keep=False)
     if duplicated.any():
         raise MetadataError(
@@ -142,6 +160,8 @@ def load_metadata(csv: Path | str) -> pd.DataFrame:
             + ". Each image must be listed once; remove the repeated rows."
         )
 
+
+def _check_one_dx_per_lesion(df: pd.DataFrame, csv: Path) -> None:
     # A lesion is one diagnosis; two would put contradictory labels on the same lesion and
     # break the lesion-level stratified split.
     dx_per_lesion = df.groupby("lesion_id", sort=False)["dx"].nunique()
@@ -154,7 +174,6 @@ def load_metadata(csv: Path | str) -> pd.DataFrame:
                           f"image_id {r['image_id']}, dx {r['dx']}")
             + ". Give every image of a lesion the same dx, or split the lesion_id."
         )
-    return df.reset_index(drop=True)
 
 
 def dataset_fingerprint(metadata_bytes: bytes, image_hashes: Mapping[str, str]) -> str:
@@ -225,6 +244,16 @@ def _check_images(paths: Sequence[str], workers: int | None, central_fraction: f
         return [r for results in pool.map(check, chunks) for r in results]
 
 
+class _CheckedPart(NamedTuple):
+    """One metadata CSV and its images after `_validate_part`."""
+
+    manifest: pd.DataFrame  # the good rows, with `image_path`
+    hashes: dict[str, str]  # image_id -> sha256 of the good images
+    bad: list[str]  # "image_id: reason" of the images left out
+    metadata_bytes: bytes  # the CSV as on disk
+    signatures: list  # near-duplicate signatures of the good rows in order; [] unchecked
+
+
 def _validate_part(
     metadata_csv: Path,
     images_dir: Path,
@@ -233,9 +262,9 @@ def _validate_part(
     workers: int | None,
     what: str,
     central_fraction: float | None = None,
-) -> tuple[pd.DataFrame, dict[str, str], list[str], bytes, list]:
-    """Check one metadata CSV's images: (good rows + image_path, hashes of good, bad, bytes,
-    near-duplicate signatures of the good rows, in order; empty without `central_fraction`)."""
+) -> _CheckedPart:
+    """Check one metadata CSV's images (near-duplicate signatures only with
+    `central_fraction`)."""
     df = load_metadata(metadata_csv)
     metadata_bytes = Path(metadata_csv).read_bytes()
     images_dir = Path(images_dir).resolve()
@@ -267,7 +296,7 @@ def _validate_part(
         )
     manifest = df.loc[good].reset_index(drop=True)
     manifest[IMAGE_PATH_COLUMN] = [p for p, ok in zip(paths, good, strict=True) if ok]
-    return manifest, hashes, bad, metadata_bytes, signatures
+    return _CheckedPart(manifest, hashes, bad, metadata_bytes, signatures)
 
 
 def class_counts(dx: Iterable[str]) -> dict[str, int]:
@@ -314,43 +343,29 @@ def validate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check = near_duplicates is not None and near_duplicates.enabled
-    central = near_duplicates.central_fraction if check else None
-    manifest, hashes, bad, metadata_bytes, signatures = _validate_part(
-        fetched.metadata_csv, fetched.images_dir, max_bad_fraction=max_bad_fraction,
-        workers=workers, what=str(fetched.metadata_csv), central_fraction=central,
-    )
-    fingerprint = dataset_fingerprint(metadata_bytes, hashes)
+    check_part = functools.partial(
+        _validate_part, max_bad_fraction=max_bad_fraction, workers=workers,
+        central_fraction=near_duplicates.central_fraction if check else None)
+    ham = check_part(fetched.metadata_csv, fetched.images_dir, what=str(fetched.metadata_csv))
+    fingerprint = dataset_fingerprint(ham.metadata_bytes, ham.hashes)
+    bad = ham.bad
 
-    isic_manifest_csv = None
-    if fetched.isic_test_metadata_csv is not None:
-        if fetched.isic_test_images_dir is None:
-            raise DataValidationError(
-                f"{fetched.isic_test_metadata_csv}: ISIC test labels without an images "
-                "folder; re-fetch with `skinsense fetch --refresh`"
-            )
-        isic, isic_hashes, isic_bad, isic_bytes, isic_signatures = _validate_part(
-            fetched.isic_test_metadata_csv, fetched.isic_test_images_dir,
-            max_bad_fraction=max_bad_fraction, workers=workers,
-            what=str(fetched.isic_test_metadata_csv), central_fraction=central,
-        )
+    isic = _validate_isic_test(fetched, out_dir, check_part)
+    if isic is not None:
         # Chain the two fingerprints: the test set is part of what a model is judged on.
-        fingerprint = hashlib.sha256(
-            f"{fingerprint}\n{dataset_fingerprint(isic_bytes, isic_hashes)}".encode()
-        ).hexdigest()
-        isic_manifest_csv = out_dir / ISIC_TEST_MANIFEST_NAME
-        write_csv_atomic(isic, isic_manifest_csv)
-        bad = bad + [f"isic_test/{b}" for b in isic_bad]
+        fingerprint = _chain_fingerprint(
+            fingerprint, dataset_fingerprint(isic.metadata_bytes, isic.hashes))
+        bad = bad + [f"isic_test/{b}" for b in isic.bad]
 
-    found = None
+    manifest, found = ham.manifest, None
     if check:
         # The grouping depends on these settings, so they belong to what identifies the data.
-        fingerprint = hashlib.sha256(
-            f"{fingerprint}\n{duplicates.fingerprint_suffix(near_duplicates)}".encode()
-        ).hexdigest()
-        isic_part = (None if isic_manifest_csv is None
-                     else (isic, *_stack_signatures(isic_signatures)))
+        fingerprint = _chain_fingerprint(
+            fingerprint, duplicates.fingerprint_suffix(near_duplicates))
+        isic_part = (None if isic is None
+                     else (isic.manifest, *_stack_signatures(isic.signatures)))
         manifest, found = duplicates.check_near_duplicates(
-            manifest, *_stack_signatures(signatures), near_duplicates, out_dir,
+            manifest, *_stack_signatures(ham.signatures), near_duplicates, out_dir,
             isic=isic_part)
     manifest_csv = out_dir / MANIFEST_NAME
     write_csv_atomic(manifest, manifest_csv)
@@ -362,9 +377,30 @@ def validate(
         n_bad=len(bad),
         bad_images=bad[:_MAX_BAD_KEPT],
         class_counts=class_counts(manifest["dx"]),
-        isic_test_manifest_csv=isic_manifest_csv.resolve() if isic_manifest_csv else None,
+        isic_test_manifest_csv=(None if isic is None
+                                else (out_dir / ISIC_TEST_MANIFEST_NAME).resolve()),
         near_duplicates=found,
     )
+
+
+def _validate_isic_test(fetched: FetchedData, out_dir: Path,
+                        check_part: Callable[..., _CheckedPart]) -> _CheckedPart | None:
+    """Check the ISIC 2018 test set when it was fetched, and write its manifest."""
+    if fetched.isic_test_metadata_csv is None:
+        return None
+    if fetched.isic_test_images_dir is None:
+        raise DataValidationError(
+            f"{fetched.isic_test_metadata_csv}: ISIC test labels without an images "
+            "folder; re-fetch with `skinsense fetch --refresh`"
+        )
+    isic = check_part(fetched.isic_test_metadata_csv, fetched.isic_test_images_dir,
+                      what=str(fetched.isic_test_metadata_csv))
+    write_csv_atomic(isic.manifest, out_dir / ISIC_TEST_MANIFEST_NAME)
+    return isic
+
+
+def _chain_fingerprint(fingerprint: str, more: str) -> str:
+    return hashlib.sha256(f"{fingerprint}\n{more}".encode()).hexdigest()
 
 
 def _stack_signatures(signatures: list) -> tuple[np.ndarray, np.ndarray]:

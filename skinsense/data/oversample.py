@@ -156,6 +156,33 @@ def oversample_minority(
     Raises:
         ValueError: `train_df` has no image paths or already holds oversampled copies.
     """
+    originals = _originals(train_df)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    counts = originals["dx"].value_counts()
+    target = int(counts.max()) if target is None else int(target)
+    copy_rows: list[dict] = []
+    jobs: list[_CopyJob] = []
+    for dx in sorted(counts.index):
+        rows = originals[originals["dx"] == dx].sort_values("image_id", kind="stable")
+        n_new = min(max(target - len(rows), 0), len(rows) * max_copies_per_image)
+        if n_new:
+            class_jobs, class_rows = _plan_copies(rows, n_new, dx=dx, seed=seed, out_dir=out_dir)
+            jobs += class_jobs
+            copy_rows += class_rows
+
+    _run_jobs(jobs, color_jitter=color_jitter, workers=workers)
+    copies = pd.DataFrame(copy_rows, columns=originals.columns)
+    if copies.empty:
+        return originals.reset_index(drop=True)
+    copies = copies.sort_values(["dx", SOURCE_IMAGE_COLUMN, "image_id"], kind="stable")
+    return pd.concat([originals, copies], ignore_index=True)
+
+
+def _originals(train_df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of the training rows with an empty `source_image_id`, refusing rows that are
+    not a validated manifest's or that hold copies already."""
     if IMAGE_PATH_COLUMN not in train_df.columns:
         raise ValueError(
             f"oversampling needs the {IMAGE_PATH_COLUMN!r} column of a validated manifest; "
@@ -168,40 +195,30 @@ def oversample_minority(
             "oversample the split's train.csv, not an oversampled one"
         )
     originals[SOURCE_IMAGE_COLUMN] = None
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return originals
 
-    counts = originals["dx"].value_counts()
-    target = int(counts.max()) if target is None else int(target)
-    copy_rows: list[dict] = []
+
+def _plan_copies(rows: pd.DataFrame, n_new: int, *, dx: str, seed: int, out_dir: Path
+                 ) -> tuple[list[_CopyJob], list[dict]]:
+    """The jobs and the manifest rows of `n_new` copies of one class's `rows`."""
+    n = len(rows)
     jobs: list[_CopyJob] = []
-    for dx in sorted(counts.index):
-        rows = originals[originals["dx"] == dx].sort_values("image_id", kind="stable")
-        n = len(rows)
-        n_new = min(max(target - n, 0), n * max_copies_per_image)
-        if n_new == 0:
-            continue
-        # A seeded order, so the originals that get the one extra copy are not always the
-        # lowest image_ids; copy j goes to original j % n as its (j // n)-th copy.
-        order = np.random.default_rng(stable_seed(seed, dx)).permutation(n)
-        records = rows.to_dict("records")
-        for j in range(n_new):
-            row = records[order[j % n]]
-            k = j // n
-            image_id = f"{row['image_id']}_aug{k}"
-            dst = str(out_dir / f"{image_id}.jpg")
-            jobs.append((str(row[IMAGE_PATH_COLUMN]), dst, stable_seed(seed, row["image_id"], k)))
-            copy_rows.append(
-                {**row, "image_id": image_id, IMAGE_PATH_COLUMN: dst,
-                 SOURCE_IMAGE_COLUMN: row["image_id"]}
-            )
-
-    _run_jobs(jobs, color_jitter=color_jitter, workers=workers)
-    copies = pd.DataFrame(copy_rows, columns=originals.columns)
-    if copies.empty:
-        return originals.reset_index(drop=True)
-    copies = copies.sort_values(["dx", SOURCE_IMAGE_COLUMN, "image_id"], kind="stable")
-    return pd.concat([originals, copies], ignore_index=True)
+    copy_rows: list[dict] = []
+    # A seeded order, so the originals that get the one extra copy are not always the
+    # lowest image_ids; copy j goes to original j % n as its (j // n)-th copy.
+    order = np.random.default_rng(stable_seed(seed, dx)).permutation(n)
+    records = rows.to_dict("records")
+    for j in range(n_new):
+        row = records[order[j % n]]
+        k = j // n
+        image_id = f"{row['image_id']}_aug{k}"
+        dst = str(out_dir / f"{image_id}.jpg")
+        jobs.append((str(row[IMAGE_PATH_COLUMN]), dst, stable_seed(seed, row["image_id"], k)))
+        copy_rows.append(
+            {**row, "image_id": image_id, IMAGE_PATH_COLUMN: dst,
+             SOURCE_IMAGE_COLUMN: row["image_id"]}
+        )
+    return jobs, copy_rows
 
 
 def class_weights(labels_or_counts: Iterable[str] | Mapping[str, int]) -> list[float]:
