@@ -8,7 +8,7 @@ fp32 export, `logits` and `features`, so the out-of-domain gate costs no second 
 head (global pooling to both outputs) stays in float (`head_nodes` says why).
 
 `compare_int8` measures the int8 model beside the fp32 export on the test part and on the
-non-dermatoscopic reference photos (`skinsense.ood_reference`): balanced accuracy, ECE after
+non-dermatoscopic reference photos (`skinsense.evaluation.ood_reference`): balanced accuracy, ECE after
 the card's temperature, the referral rule's sensitivity and specificity, the gate's verdict
 agreement, and the CPU latency of both at batch 1. `parity_verdict` is the rule; its result
 goes into the model card (`ModelCard.int8`), and `serving_precision` reads it back for the
@@ -360,7 +360,7 @@ def _figures(y_true: np.ndarray, logits: np.ndarray, card: ModelCard) -> Precisi
     from sklearn.metrics import balanced_accuracy_score
 
     from skinsense.trust.calibration import calibrated_probabilities
-    from skinsense.evaluation import expected_calibration_error
+    from skinsense.evaluation.evaluate import expected_calibration_error
     from skinsense.trust.referral import is_malignant, referral_scores
 
     probabilities = calibrated_probabilities(logits, card.temperature)
@@ -397,7 +397,7 @@ def latency_ms(sessions: dict[str, Any], image: np.ndarray, *, repeats: int = 15
 def reference_pixels(size: int) -> np.ndarray:
     """The reference photos squashed to the model's input as the cache and the app do."""
     from skinsense.data.cache import resize_square
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
 
     return np.stack([np.asarray(resize_square(image, size))
                      for _, image in non_dermatoscopic_images()])

@@ -14,7 +14,7 @@ from skinsense.data.records import OversampledData, SplitData
 from skinsense.labels import CLASS_CODES
 
 if TYPE_CHECKING:
-    from skinsense.evaluation import EvalResult
+    from skinsense.evaluation.evaluate import EvalResult
 
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc", "mel_sensitivity",
             "mel_specificity", "ece", "referral_sensitivity", "referral_specificity",

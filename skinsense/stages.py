@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig, ServeConfig
-from skinsense.evaluation import EvalResult
+from skinsense.evaluation.evaluate import EvalResult
 from skinsense.lifecycle.handoff import ArchRequest, ArchResult, DataHandoff
 from skinsense.data.records import (
     FetchedData,
@@ -192,7 +192,7 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     plots and reports to the arch's run and the figures to its model card."""
     from skinsense import tracking
     from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation import calibrate_model_dir, calibration_outcome, evaluate_model_dir
+    from skinsense.evaluation.evaluate import calibrate_model_dir, calibration_outcome, evaluate_model_dir
     from skinsense.packaging import load_card, save_card
     from skinsense.trust.referral import describe_rule
 
@@ -287,7 +287,7 @@ def evaluate_int8(model_dir: Path, cache: ImageCache, cfg: EvalConfig):
 def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Home) -> list[Path]:
     """The cross-architecture comparison (table and plots), logged on the parent run."""
     from skinsense import tracking
-    from skinsense.evaluation import compare_models
+    from skinsense.evaluation.evaluate import compare_models
 
     tracking.configure(home)
     out_dir = home.runs / "comparisons" / parent_run_id
@@ -300,7 +300,7 @@ def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Ho
 def candidate_rows(candidates: list[Candidate], home: Home) -> list[dict]:
     """Per architecture: its test metrics, its gate in words and a link to its MLflow run."""
     from skinsense import tracking
-    from skinsense.evaluation import gate_summary_text
+    from skinsense.evaluation.evaluate import gate_summary_text
 
     tracking.configure(home)
     return [{"arch": c.arch, "run_link": tracking.run_url(c.run_id), "metrics": c.test_metrics,
@@ -319,7 +319,7 @@ def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: Pi
     """Register the best candidate as `challenger`; promote it to `champion` if better."""
     from skinsense import tracking
     from skinsense.lifecycle import registry
-    from skinsense.evaluation import evaluate_model_dir
+    from skinsense.evaluation.evaluate import evaluate_model_dir
     from skinsense.packaging import load_card
 
     tracking.configure(home)

@@ -214,7 +214,7 @@ def assess(client, path: Path | str) -> dict:
 
 def non_dermatoscopic_photo(out: Path, name: str = "cat") -> Path:
     """A real photo that is not a dermatoscopic image (scikit-image's), as a JPEG file."""
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
 
     path = out / f"{name}.jpg"
     dict(non_dermatoscopic_images())[name].save(path, quality=92)

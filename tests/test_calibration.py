@@ -14,7 +14,7 @@ from skinsense.trust.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from skinsense.evaluation import expected_calibration_error
+from skinsense.evaluation.evaluate import expected_calibration_error
 
 
 def calibrated_sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

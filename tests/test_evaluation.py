@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from skinsense import plots
+import skinsense.evaluation.plots as plots
 from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.data.records import CachedSplit
-from skinsense.evaluation import (
+from skinsense.evaluation.evaluate import (
     HEADLINE_METRICS,
     classification_metrics,
     compare_models,
@@ -305,7 +305,7 @@ def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached
     # Dividing logits by 0.05 sharpens every prediction: the calibration metrics move, the
     # metrics of the predicted class alone do not.
     from skinsense.trust.calibration import calibrated_probabilities, negative_log_likelihood
-    from skinsense.evaluation import expected_calibration_error, predict_logits
+    from skinsense.evaluation.evaluate import expected_calibration_error, predict_logits
 
     logits, y_true = predict_logits(model_dir, cached_part), np.load(cached_part.labels_npy)
     assert metrics["ece"] == pytest.approx(expected_calibration_error(
@@ -332,7 +332,7 @@ def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached
     saved = np.load(tmp_path / "eval" / "test_probabilities.npy")
     np.testing.assert_allclose(saved, predict_probabilities(calibrated, cached_part), atol=1e-6)
     assert "referral" not in " ".join(plain.metrics)  # no threshold, no referral figures
-    from skinsense.evaluation import comparison_row
+    from skinsense.evaluation.evaluate import comparison_row
 
     assert comparison_row(result)["referral_specificity"] == metrics["referral_specificity"]
 
@@ -352,7 +352,7 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     its target on validation, and the test metrics of the argmax do not move."""
     from skinsense.config import TrainConfig
     from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation import calibrate_model_dir
+    from skinsense.evaluation.evaluate import calibrate_model_dir
     from skinsense.packaging import load_card
     from skinsense.training.loop import fit
 
@@ -384,7 +384,7 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     assert calibration.ece < calibration.ece_uncalibrated - 0.05
     # Whether it also helped on the untouched test part (37 images here: on this sample it
     # does not) is recorded as measured, and decides whether the app says "calibrated".
-    from skinsense.evaluation import calibration_outcome
+    from skinsense.evaluation.evaluate import calibration_outcome
 
     outcome = calibration_outcome(card.temperature, calibration.n_images, after.metrics)
     assert outcome["helped"] is (after.metrics["nll"] < after.metrics["nll_uncalibrated"]
@@ -395,7 +395,7 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     assert card.calibrated is outcome["helped"]
     # The referral figures are the rule applied to the served probabilities.
     from skinsense.trust.calibration import calibrated_probabilities
-    from skinsense.evaluation import predict_logits
+    from skinsense.evaluation.evaluate import predict_logits
     from skinsense.trust.referral import is_malignant, referral_scores
 
     y_test = np.load(cache.test.labels_npy)

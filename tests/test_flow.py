@@ -46,7 +46,7 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
     evaluation = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
     # The test part's refusal rate on the run is the evaluation's, and the gate's verdict
     # (usable or not, with a warning over twice the nominal rate) follows from its figures.
-    from skinsense.evaluation import judge_gate
+    from skinsense.evaluation.evaluate import judge_gate
 
     report_path = mlflow.artifacts.download_artifacts(
         run_id=child.info.run_id, artifact_path="evaluation/evaluation.json",

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
-from skinsense.evaluation import ood_report
+from skinsense.evaluation.evaluate import ood_report
 from skinsense.trust.gate import (
     ABSENT,
     GATE_FILE,
@@ -193,7 +193,7 @@ def test_ood_report_on_hand_made_scores():
 
 
 def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch):
-    from skinsense.ood_reference import SKIMAGE_IMAGES, non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import SKIMAGE_IMAGES, non_dermatoscopic_images
 
     def no_network(*args, **kwargs):
         raise AssertionError("the reference images must not be downloaded")
@@ -215,7 +215,7 @@ def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch
 def trained_with_gate(cached_sample, tmp_path_factory):
     """resnet18 trained 2 epochs on the synthetic sample, calibrated with its gate, evaluated."""
     from skinsense.config import TrainConfig
-    from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
+    from skinsense.evaluation.evaluate import calibrate_model_dir, evaluate_model_dir
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
@@ -233,7 +233,7 @@ def trained_with_gate(cached_sample, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with_gate):
-    from skinsense.evaluation import training_originals
+    from skinsense.evaluation.evaluate import training_originals
     from skinsense.packaging import load_card
 
     model_dir, calibration, result, cache = trained_with_gate
@@ -252,7 +252,7 @@ def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with
     # In-domain test images (never seen by the fit or the threshold) pass at about the
     # configured rate (37 images: allow for chance; P(6 or more of 37 refused | 5%) is
     # under 2%), and the rate is the share of their scores above the threshold.
-    from skinsense.evaluation import predict_outputs
+    from skinsense.evaluation.evaluate import predict_outputs
 
     _, test_features = predict_outputs(model_dir, cache.test)
     gate, _ = load_gate(model_dir)
@@ -275,7 +275,7 @@ def test_the_served_gate_scores_as_the_evaluation_did(trained_with_gate):
     import pandas as pd
 
     from skinsense.export import export_onnx
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
     from skinsense.serving.predictor import Predictor
 
     model_dir, _, result, _ = trained_with_gate
@@ -300,7 +300,7 @@ def test_the_served_gate_scores_as_the_evaluation_did(trained_with_gate):
 
 
 def test_judge_gate_on_hand_made_figures():
-    from skinsense.evaluation import judge_gate
+    from skinsense.evaluation.evaluate import judge_gate
 
     good = {"ood_rate": 2 / 37, "ood_n_in": 37.0, "ood_auroc": 0.97, "ood_auroc_p_value": 1e-9}
     assert judge_gate(good, 95.0) == ("usable", "", "")
@@ -331,7 +331,7 @@ def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sa
     answers; a training part whose manifest cannot be read is named in `fitted_on`."""
     from random_models import calibrated_model
 
-    from skinsense.evaluation import (
+    from skinsense.evaluation.evaluate import (
         calibrate_model_dir,
         comparison_row,
         evaluate_model_dir,
@@ -376,7 +376,7 @@ def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sa
 
 
 def test_the_prefect_artifacts_and_the_comparison_say_when_a_gate_cannot_judge(tmp_path):
-    from skinsense.evaluation import EvalResult, comparison_row, write_comparison
+    from skinsense.evaluation.evaluate import EvalResult, comparison_row, write_comparison
     from skinsense.reports import metrics_markdown, subgroups_markdown
 
     def result(arch: str, status: str, reason: str = "", warning: str = "") -> EvalResult:

@@ -76,7 +76,7 @@ def test_onnx_and_pytorch_give_the_gate_the_same_scores(arch, tmp_path):
     from skinsense.export import export_onnx
     from skinsense.trust.gate import choose_threshold, fit_gate
     from skinsense.labels import CODE_TO_INDEX
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
     from skinsense.packaging import ModelCard, load_card, save_card, save_model_dir
     from skinsense.presets import make_preset
     from skinsense.serving.app import example_images

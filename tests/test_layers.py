@@ -35,8 +35,8 @@ STANDALONE_MODULES = [
     "skinsense.presets", "skinsense.packaging",
     # Serving applies the trust rules; evaluation fits them and adds the audit.
     "skinsense.trust.calibration", "skinsense.trust.referral", "skinsense.trust.gate",
-    "skinsense.trust.quality", "skinsense.bootstrap", "skinsense.subgroups",
-    "skinsense.ood_reference", "skinsense.evaluation",
+    "skinsense.trust.quality", "skinsense.evaluation.bootstrap", "skinsense.evaluation.subgroups",
+    "skinsense.evaluation.ood_reference", "skinsense.evaluation",
     "skinsense.serving.predictor", "skinsense.serving.explain",
 ]
 ORCHESTRATION = {"prefect", "mlflow", "gradio"}
@@ -81,8 +81,8 @@ LAYERS = [
                      "skinsense.presets", "skinsense.packaging", "skinsense.export"]),
     ("data", ["skinsense.data"]),
     ("training, trust and the audit", [
-        "skinsense.training", "skinsense.trust", "skinsense.bootstrap", "skinsense.subgroups",
-        "skinsense.ood_reference", "skinsense.plots",
+        "skinsense.training", "skinsense.trust", "skinsense.evaluation.bootstrap", "skinsense.evaluation.subgroups",
+        "skinsense.evaluation.ood_reference", "skinsense.evaluation.plots",
         # After deployment: the log and feedback store, the feedback source, drift statistics.
         "skinsense.monitoring"]),
     ("evaluation and serving", ["skinsense.evaluation", "skinsense.quantize", "skinsense.serving",

@@ -172,7 +172,7 @@ def gate_inputs(tmp_path) -> list[bytes]:
 
     from PIL import Image
 
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
     from skinsense.serving.app import EXAMPLES_DIR
 
     def jpeg(image) -> bytes:
@@ -429,7 +429,7 @@ def test_registry_show_says_what_a_useless_temperature_did_and_that_a_gate_is_un
     evaluation found unusable. `registry show` says what was fitted and what it did, and
     that the model is served without its gate; neither is called calibrated or on."""
     from skinsense.cli import main
-    from skinsense.evaluation import calibration_outcome
+    from skinsense.evaluation.evaluate import calibration_outcome
     from skinsense.packaging import load_card, save_card
 
     model_dir, run_id = candidate(tmp_path, "useless", store)

@@ -93,7 +93,7 @@ def test_a_manifest_is_logged_as_a_local_dataset_without_a_guess(tmp_path, home)
 def test_select_best_takes_the_highest_score_and_the_first_listed_on_a_tie(tmp_path):
     """The fan-out test's "the parent registered the best" check says nothing when both
     children score the same; here the choice is checked with hand-made candidates."""
-    from skinsense.evaluation import EvalResult
+    from skinsense.evaluation.evaluate import EvalResult
 
     def candidate(arch: str, score: float, other: float) -> stages.Candidate:
         metrics = {"balanced_accuracy": score, "macro_f1": other}

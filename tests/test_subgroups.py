@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from skinsense import subgroups
-from skinsense.bootstrap import LesionBootstrap
+import skinsense.evaluation.subgroups as subgroups
+from skinsense.evaluation.bootstrap import LesionBootstrap
 from skinsense.labels import CODE_TO_INDEX
 from skinsense.trust.referral import is_malignant
 

@@ -3,7 +3,7 @@
 Confirmed cases come from clinics, not from HAM10000's curated test part, so they show how a
 model does in the field. A case the model trained on (its image id is in the model's training
 manifest, as with `data.extra_sources: [feedback]`) is left out. Intervals resample whole
-lesions (`skinsense.bootstrap.LesionBootstrap`); with fewer than `min_cases` cases only the
+lesions (`skinsense.evaluation.bootstrap.LesionBootstrap`); with fewer than `min_cases` cases only the
 count is reported.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinsense.bootstrap import LesionBootstrap, percentile_interval
+from skinsense.evaluation.bootstrap import LesionBootstrap, percentile_interval
 from skinsense.labels import CLASS_CODES
 from skinsense.monitoring.reference import MALIGNANT
 

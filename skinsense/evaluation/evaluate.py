@@ -19,11 +19,11 @@ Metric conventions (the classes of `skinsense.labels.CLASS_CODES`, indices 0..6)
   the argmax metrics (`ARGMAX_METRICS`) are the same either way, and checked to be.
 - The referral rule (`skinsense.trust.referral`) is reported as `referral_sensitivity` and
   `referral_specificity` with 95% intervals from a bootstrap over lesions
-  (`skinsense.bootstrap`), `referral_rate` and `referral_roc_auc`; the subgroup audit adds
-  `gap_<metric>_<attribute>` (`skinsense.subgroups`).
+  (`skinsense.evaluation.bootstrap`), `referral_rate` and `referral_roc_auc`; the subgroup audit adds
+  `gap_<metric>_<attribute>` (`skinsense.evaluation.subgroups`).
 - The out-of-domain gate (`skinsense.trust.gate`, fitted by `calibrate_model_dir` with the
   temperature) is reported with the part's images as in-domain against the
-  non-dermatoscopic reference images (`skinsense.ood_reference`): `ood_auroc` (refused
+  non-dermatoscopic reference images (`skinsense.evaluation.ood_reference`): `ood_auroc` (refused
   images positive, gate score as the score; 1.0 separates perfectly), `ood_fpr_at_95_tpr`
   (the share of reference images still accepted at the score that accepts 95% of the part's
   images; the literature's "FPR at 95% TPR", in-domain positive), `ood_rate` (share of the
@@ -73,7 +73,7 @@ from sklearn.metrics import (
 )
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from skinsense.bootstrap import LesionBootstrap, percentile_interval
+from skinsense.evaluation.bootstrap import LesionBootstrap, percentile_interval
 from skinsense.trust.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -142,7 +142,7 @@ class EvalResult(BaseModel):
     temperature: float = 1.0                  # the card's, applied to every probability above
     referral: dict[str, Any] = Field(default_factory=dict)  # `referral_report` (None for NaN)
     subgroup_files: list[Path] = Field(default_factory=list)  # subgroup_metrics.csv and .md
-    subgroup_gaps: dict[str, Any] = Field(default_factory=dict)  # `skinsense.subgroups.gaps`
+    subgroup_gaps: dict[str, Any] = Field(default_factory=dict)  # `skinsense.evaluation.subgroups.gaps`
     # `ood_report` of the gate on this part (empty when the model has no gate).
     ood: dict[str, Any] = Field(default_factory=dict)
     # `judge_gate` on this part: 'usable', 'unusable' ('' when there is no gate), why it
@@ -533,7 +533,7 @@ def compare_models(results: Sequence[EvalResult], out_dir: Path) -> list[Path]:
         Paths of `comparison.csv`, `comparison.md`, `model_comparison.png` and
         `per_class_recall.png`.
     """
-    from skinsense import plots
+    import skinsense.evaluation.plots as plots
 
     rows = [comparison_row(r) for r in results]
     csv_path, md_path = write_comparison(rows, out_dir)
@@ -853,7 +853,7 @@ def reference_outputs(model_dir: Path, *, batch_size: int = 64
         Names, logits (M, 7) and features (M, D).
     """
     from skinsense.data.cache import resize_square
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
 
     size = load_card(model_dir).image_size
     named = non_dermatoscopic_images()
@@ -945,7 +945,7 @@ def judge_gate(ood: dict[str, float], percentile: float | None, *,
 def _evaluate_gate(model_dir: Path, gate: OodGate, threshold: float, features: np.ndarray,
                    probabilities: np.ndarray, out_dir: Path, arch: str, batch_size: int
                    ) -> tuple[dict[str, float], list[Path]]:
-    from skinsense import plots
+    import skinsense.evaluation.plots as plots
 
     names, ref_logits, ref_features = reference_outputs(model_dir, batch_size=batch_size)
     ref_scores = gate.scores(ref_features)
@@ -982,7 +982,7 @@ def _draw_calibration_and_referral(out_dir: Path, arch: str, y_true: np.ndarray,
                                    referral: dict[str, Any]) -> list[Path]:
     from sklearn.metrics import roc_curve
 
-    from skinsense import plots
+    import skinsense.evaluation.plots as plots
 
     paths = [plots.plot_reliability_diagram(
         [("uncalibrated", reliability_bins(uncalibrated, y_true, ECE_BINS),
@@ -1011,7 +1011,7 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     gives ECE and NLL of the plain softmax (`ece_uncalibrated`, `nll_uncalibrated`). When the
     card has a referral threshold, the rule's sensitivity and specificity are reported with
     95% bootstrap intervals over lesions (`referral_*`). With the part's `manifest` the
-    subgroup audit runs too (`skinsense.subgroups`; `gap_<metric>_<attribute>` metrics).
+    subgroup audit runs too (`skinsense.evaluation.subgroups`; `gap_<metric>_<attribute>` metrics).
     When the folder has an out-of-domain gate, it is scored with this part as in-domain
     against the non-dermatoscopic reference images (`ood_*` metrics, see the module
     docstring).
@@ -1046,7 +1046,7 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     Returns:
         The flat metrics, the report's path and every file written.
     """
-    from skinsense import plots  # matplotlib only where figures are drawn
+    import skinsense.evaluation.plots as plots  # matplotlib only where figures are drawn
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     card = load_card(model_dir)
@@ -1115,7 +1115,7 @@ def evaluate_model_dir(model_dir: Path, split: CachedSplit, *, out_dir: Path, ba
     subgroup_files: list[Path] = []
     subgroup_gaps: dict[str, Any] = {}
     if manifest is not None and subgroups:
-        from skinsense import subgroups as audit
+        import skinsense.evaluation.subgroups as audit
 
         referred = (referral_scores(served) >= card.referral_threshold
                     if card.referral_threshold is not None else None)
