@@ -204,7 +204,8 @@ def evaluate_all(trained: dict[str, dict], caches: dict, sizes: dict[str, int],
                  cfg: EvalConfig, report: Report) -> None:
     """What the evaluate task does for each model: fit on validation, measure on test."""
     from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation.evaluate import calibrate_model_dir, evaluate_model_dir
+    from skinsense.evaluation.evaluate import evaluate_model_dir
+    from skinsense.evaluation.fit import calibrate_model_dir
 
     for arch, row in trained.items():
         model_dir, cache = Path(row["model_dir"]), caches[sizes[arch]]

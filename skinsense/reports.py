@@ -7,7 +7,6 @@ artifacts.
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 from skinsense.data.records import OversampledData, SplitData
@@ -44,7 +43,7 @@ def metrics_markdown(rows: list[dict]) -> str:
 
     Args:
         rows: {"arch", "run_link", "metrics": {...}, "gate": text} per architecture (`gate`:
-            `evaluation.gate_summary_text`, optional).
+            `evaluation.compare.gate_summary_text`, optional).
     """
     header = ("| architecture | " + " | ".join(HEADLINE)
               + " | out-of-domain gate | MLflow run |")

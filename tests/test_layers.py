@@ -36,7 +36,10 @@ STANDALONE_MODULES = [
     # Serving applies the trust rules; evaluation fits them and adds the audit.
     "skinsense.trust.calibration", "skinsense.trust.referral", "skinsense.trust.gate",
     "skinsense.trust.quality", "skinsense.evaluation.bootstrap", "skinsense.evaluation.subgroups",
-    "skinsense.evaluation.ood_reference", "skinsense.evaluation",
+    "skinsense.evaluation.ood_reference", "skinsense.evaluation.plots",
+    "skinsense.evaluation.predict", "skinsense.evaluation.metrics", "skinsense.evaluation.fit",
+    "skinsense.evaluation.evaluate", "skinsense.evaluation.ood", "skinsense.evaluation.compare",
+    "skinsense.evaluation.efficiency", "skinsense.evaluation.architecture",
     "skinsense.serving.predictor", "skinsense.serving.explain",
 ]
 ORCHESTRATION = {"prefect", "mlflow", "gradio"}
@@ -81,8 +84,10 @@ LAYERS = [
                      "skinsense.presets", "skinsense.packaging", "skinsense.export"]),
     ("data", ["skinsense.data"]),
     ("training, trust and the audit", [
-        "skinsense.training", "skinsense.trust", "skinsense.evaluation.bootstrap", "skinsense.evaluation.subgroups",
-        "skinsense.evaluation.ood_reference", "skinsense.evaluation.plots",
+        # The audit modules live in evaluation/ but depend on nothing else there.
+        "skinsense.training", "skinsense.trust", "skinsense.evaluation.bootstrap",
+        "skinsense.evaluation.subgroups", "skinsense.evaluation.ood_reference",
+        "skinsense.evaluation.plots",
         # After deployment: the log and feedback store, the feedback source, drift statistics.
         "skinsense.monitoring"]),
     ("evaluation and serving", ["skinsense.evaluation", "skinsense.quantize", "skinsense.serving",

@@ -177,7 +177,7 @@ def trained_int8(cached_sample, tmp_path_factory):
     validation part and compared with fp32 on the test part (speed no condition here: timings
     never decide a test)."""
     from skinsense.config import TrainConfig
-    from skinsense.evaluation.evaluate import calibrate_model_dir
+    from skinsense.evaluation.fit import calibrate_model_dir
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
