@@ -94,12 +94,12 @@ def fit_example_gate(model_dir: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from skinsense.export import weights_sha256
-    from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
     from skinsense.labels import CODE_TO_INDEX
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.export import weights_sha256
+    from skinsense.lifecycle.packaging import load_card, save_card
     from skinsense.serving.app import EXAMPLES_DIR, example_images
     from skinsense.serving.predictor import Predictor
+    from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
 
     with open(EXAMPLES_DIR / "labels.csv") as f:
         labels = {row["image_id"]: CODE_TO_INDEX[row["dx"]] for row in csv.DictReader(f)}
@@ -137,7 +137,7 @@ def interleaved_ms(model_dir: Path, urls: dict[str, str], image: Path,
 
     from gradio_client import Client, handle_file
 
-    from skinsense.packaging import load_model_dir
+    from skinsense.lifecycle.packaging import load_model_dir
 
     model, _ = load_model_dir(model_dir)
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
@@ -247,8 +247,8 @@ def main() -> None:
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
 
-    from skinsense.export import export_onnx
-    from skinsense.packaging import ModelCard, save_model_dir
+    from skinsense.lifecycle.export import export_onnx
+    from skinsense.lifecycle.packaging import ModelCard, save_model_dir
     from skinsense.serving.app import example_images
 
     images = example_images()

@@ -50,7 +50,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from skinsense.data.records import CachedSplit
-from skinsense.export import (
+from skinsense.lifecycle.export import (
     FEATURES_NAME,
     INPUT_NAME,
     ONNX_FILE,
@@ -61,7 +61,7 @@ from skinsense.export import (
     onnx_session,
     weights_sha256,
 )
-from skinsense.packaging import ModelCard, load_card
+from skinsense.lifecycle.packaging import ModelCard, load_card
 
 if TYPE_CHECKING:
     import torch

@@ -124,7 +124,7 @@ def cache_images(split: SplitData, oversampled: OversampledData, size: int, cfg:
 def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str],
                        split: SplitData, oversampled: OversampledData) -> str:
     """Create the MLflow parent run of a pipeline run, with its data as dataset inputs."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     experiment_id = tracking.ensure_experiment(cfg.experiment, home)
@@ -149,7 +149,7 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
                        class_weights: list[float] | None, parent_run_id: str,
                        fingerprint: str) -> TrainedArch:
     """Fine-tune one architecture in a nested MLflow run."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.training.launcher import train_in_subprocess
 
     tracking.configure(home)
@@ -193,8 +193,8 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
 
     The model is loaded once and its card written once (`skinsense.evaluation.architecture`);
     the field figures and the int8 verdict join the card before it is written."""
-    from skinsense import tracking
     from skinsense.evaluation.architecture import evaluate_architecture as evaluate
+    from skinsense.lifecycle import tracking
     from skinsense.monitoring.field import field_figures
 
     tracking.configure(home)
@@ -262,8 +262,8 @@ def evaluate_int8(evaluation, cache: ImageCache, cfg: EvalConfig):
 
 def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Home) -> list[Path]:
     """The cross-architecture comparison (table and plots), logged on the parent run."""
-    from skinsense import tracking
     from skinsense.evaluation.compare import compare_models
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     out_dir = home.runs / "comparisons" / parent_run_id
@@ -275,8 +275,8 @@ def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Ho
 
 def candidate_rows(candidates: list[Candidate], home: Home) -> list[dict]:
     """Per architecture: its test metrics, its gate in words and a link to its MLflow run."""
-    from skinsense import tracking
     from skinsense.evaluation.compare import gate_summary_text
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     return [{"arch": c.arch, "run_link": tracking.run_url(c.run_id), "metrics": c.test_metrics,
@@ -293,10 +293,9 @@ def select_best(candidates: list[Candidate], metric: str) -> Candidate:
 def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: PipelineConfig,
                          home: Home, *, test_key: str, parent_run_id: str):
     """Register the best candidate as `challenger`; promote it to `champion` if better."""
-    from skinsense import tracking
     from skinsense.evaluation.evaluate import evaluate_model_dir
-    from skinsense.lifecycle import registry
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle import registry, tracking
+    from skinsense.lifecycle.packaging import load_card
 
     tracking.configure(home)
     metric = cfg.eval.metric
@@ -324,7 +323,7 @@ def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: Pi
 def finish_pipeline_run(parent_run_id: str, home: Home, candidates: list[Candidate],
                         *, failed: bool = False) -> None:
     """Log each candidate's test metrics on the parent run and close it."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     for c in candidates:
@@ -334,7 +333,7 @@ def finish_pipeline_run(parent_run_id: str, home: Home, candidates: list[Candida
 
 def deploy_champion(cfg: ServeConfig, home: Home, *, expected_version: str | None):
     """Start (or restart) the app serving the champion and prove it answers."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.serving.deploy import deploy_app
 
     uri = tracking.configure(home)
@@ -394,7 +393,7 @@ def receive_data(request: ArchRequest, home: Home) -> ImageCache:
 
 def publish_candidate(candidate: Candidate, home: Home) -> ArchResult:
     """In a child run: log the model folder to MLflow and return what the parent needs."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.lifecycle.handoff import publish_candidate as publish
 
     tracking.configure(home)
@@ -409,7 +408,7 @@ def receive_candidates(outcomes: list[ChildOutcome], home: Home) -> list[Candida
         FanOutError: a completed child's model could not be received here; the message also
             names every child run that did not complete, so that neither hides the other.
     """
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.lifecycle.handoff import rebase_evaluation, receive_model_dir
 
     tracking.configure(home)

@@ -3,15 +3,15 @@ weights and card are read and the card written, and what goes through the networ
 
 from __future__ import annotations
 
-from skinsense import packaging
 from skinsense.evaluation import predict
-from skinsense.packaging import ModelCard
+from skinsense.lifecycle import packaging
+from skinsense.lifecycle.packaging import ModelCard
 
 
 class LoadSpy:
     """Installed with pytest's `monkeypatch`; each count starts at zero.
 
-    - `weights`: the files `safetensors.torch.load_file` read as `skinsense.packaging`
+    - `weights`: the files `safetensors.torch.load_file` read as `skinsense.lifecycle.packaging`
       calls it (every `load_model_dir` passes there, wherever it was imported from);
     - `card_reads`, `card_writes`: `ModelCard.model_validate` / `model_dump_json` calls;
     - `passes`: images in each call of `skinsense.evaluation.predict.forward_batches`.

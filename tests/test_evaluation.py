@@ -31,8 +31,8 @@ from skinsense.evaluation.plots import (
 )
 from skinsense.evaluation.predict import predict_logits, predict_probabilities
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
+from skinsense.lifecycle.packaging import ModelCard, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, save_model_dir
 from skinsense.trust.calibration import calibrated_probabilities
 
 # The hand-made cases predict classes absent from y_true on purpose; scikit-learn says so.
@@ -284,7 +284,7 @@ def copy_with_card(model_dir, out, **card_fields):
     """A copy of a model folder whose card has `card_fields` set."""
     import shutil
 
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     shutil.copytree(model_dir, out)
     card = load_card(out)
@@ -363,7 +363,7 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     from skinsense.config import TrainConfig
     from skinsense.data.cache import read_cached_manifest
     from skinsense.evaluation.fit import calibrate_model_dir
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.packaging import load_card
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample

@@ -72,8 +72,8 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
 
 def assert_card_has_the_new_fields(champion, tmp_path) -> None:
     """The registered model card carries the temperature, the rule and the audit's gaps."""
+    from skinsense.lifecycle.packaging import load_card
     from skinsense.lifecycle.registry import download_model_dir
-    from skinsense.packaging import load_card
     from skinsense.trust.gate import GATE_FILE
 
     model_dir = download_model_dir("skinsense", str(champion.version), tmp_path / "champ")
@@ -113,8 +113,8 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
         assert state["arch"] == result["best"]
         # A model trained this briefly may have features that barely vary (issue 19): its
         # gate is then unusable, the app serves it without the gate and /health says why.
+        from skinsense.lifecycle.packaging import load_card
         from skinsense.lifecycle.registry import download_model_dir
-        from skinsense.packaging import load_card
 
         served = load_card(download_model_dir("skinsense", result["version"],
                                               tmp_path / "served"))

@@ -238,7 +238,7 @@ def trained_with_gate(cached_sample, tmp_path_factory):
 @pytest.mark.slow
 def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with_gate):
     from skinsense.evaluation.fit import training_originals
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.packaging import load_card
 
     model_dir, calibration, result, cache = trained_with_gate
     card = load_card(model_dir)
@@ -279,7 +279,7 @@ def test_the_served_gate_scores_as_the_evaluation_did(trained_with_gate):
     import pandas as pd
 
     from skinsense.evaluation.ood_reference import non_dermatoscopic_images
-    from skinsense.export import export_onnx
+    from skinsense.lifecycle.export import export_onnx
     from skinsense.serving.predictor import Predictor
 
     model_dir, _, result, _ = trained_with_gate
@@ -347,7 +347,7 @@ def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sa
     from skinsense.evaluation.compare import comparison_row
     from skinsense.evaluation.evaluate import evaluate_model_dir
     from skinsense.evaluation.ood_reference import non_dermatoscopic_images
-    from skinsense.packaging import ModelCard, load_card, save_model_dir
+    from skinsense.lifecycle.packaging import ModelCard, load_card, save_model_dir
     from skinsense.serving.app import example_images
     from skinsense.serving.predictor import Predictor
 

@@ -32,7 +32,7 @@ STANDALONE_MODULES = [
     "skinsense.data.duplicates",
     "skinsense.data.datasets", "skinsense.training.loop", "skinsense.training.launcher",
     "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",
-    "skinsense.presets", "skinsense.packaging",
+    "skinsense.presets", "skinsense.lifecycle.packaging",
     # Serving applies the trust rules; evaluation fits them and adds the audit.
     "skinsense.trust.calibration", "skinsense.trust.referral", "skinsense.trust.gate",
     "skinsense.trust.quality", "skinsense.evaluation.bootstrap", "skinsense.evaluation.subgroups",
@@ -80,8 +80,11 @@ def test_tasks_are_thin():
 # point, and imports flows and deployments only when the command that needs them runs.
 LAYERS = [
     ("foundations", ["skinsense", "skinsense.labels", "skinsense.config", "skinsense.paths",
-                     "skinsense.processes", "skinsense.tracking", "skinsense.models",
-                     "skinsense.presets", "skinsense.packaging", "skinsense.export"]),
+                     "skinsense.processes", "skinsense.models", "skinsense.presets",
+                     # lifecycle/'s model folder, its ONNX export and the MLflow runs: training,
+                     # evaluation and serving all use them (its handoff and registry sit on top)
+                     "skinsense.lifecycle.packaging", "skinsense.lifecycle.export",
+                     "skinsense.lifecycle.tracking"]),
     ("data", ["skinsense.data"]),
     ("training, trust and the audit", [
         # The audit modules live in evaluation/ but depend on nothing else there.
@@ -167,6 +170,6 @@ def test_no_import_cycle():
 def test_the_layer_checks_see_the_imports():
     # The checks above pass trivially if the graph is empty or misses lazy imports.
     assert "skinsense.serving.predictor" in GRAPH["skinsense.serving.explain"]
-    assert "skinsense.tracking" in GRAPH["skinsense.training.worker"]  # inside a function
+    assert "skinsense.lifecycle.tracking" in GRAPH["skinsense.training.worker"]  # inside a function
     assert {"flows.pipeline", "deployments.serve"} <= GRAPH["skinsense.cli"]  # import_module
     assert _layer("skinsense.trust.gate") < _layer("skinsense.serving.predictor")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from skinsense import stages, tracking
+from skinsense import stages
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig
+from skinsense.lifecycle import tracking
+from skinsense.lifecycle.packaging import ModelCard, load_card, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, load_card, save_model_dir
 
 pytestmark = pytest.mark.slow
 

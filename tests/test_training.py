@@ -17,8 +17,8 @@ from torch import nn
 
 from skinsense.config import TrainConfig
 from skinsense.evaluation.evaluate import evaluate_model_dir
+from skinsense.lifecycle.packaging import load_card
 from skinsense.models import IMAGENET_MEAN, IMAGENET_STD
-from skinsense.packaging import load_card
 from skinsense.presets import make_preset
 from skinsense.training.batches import BatchedCacheLoader
 from skinsense.training.launcher import RESULT_FILE, TrainingFailed, train_in_subprocess

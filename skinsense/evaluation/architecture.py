@@ -32,7 +32,7 @@ from skinsense.evaluation.predict import (
     reference_outputs,
     split_outputs,
 )
-from skinsense.packaging import save_card
+from skinsense.lifecycle.packaging import save_card
 from skinsense.trust.gate import save_gate
 from skinsense.trust.referral import describe_rule
 
@@ -106,7 +106,7 @@ def evaluate_architecture(model_dir: Path, cache: ImageCache, cfg: EvalConfig, *
     `evaluation/` and `evaluation-isic2018/`).
 
     Args:
-        model_dir: a trained model folder (see `skinsense.packaging`).
+        model_dir: a trained model folder (see `skinsense.lifecycle.packaging`).
         cache: the cached parts at the model's input size.
         cfg: the evaluation settings.
         history: per-epoch dicts of the training, for its curves.

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from skinsense.evaluation.predict import LoadedModel
-from skinsense.packaging import WEIGHTS_FILE
+from skinsense.lifecycle.packaging import WEIGHTS_FILE
 from skinsense.presets import make_preset
 
 

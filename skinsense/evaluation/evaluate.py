@@ -46,7 +46,7 @@ from skinsense.evaluation.predict import (
     split_outputs,
 )
 from skinsense.labels import CLASS_CODES
-from skinsense.packaging import ModelCard
+from skinsense.lifecycle.packaging import ModelCard
 from skinsense.trust.calibration import (
     calibrated_probabilities,
     negative_log_likelihood,

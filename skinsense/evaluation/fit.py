@@ -27,7 +27,7 @@ from skinsense.evaluation.metrics import expected_calibration_error
 from skinsense.evaluation.ood import GATE_UNUSABLE, GATE_USABLE
 from skinsense.evaluation.predict import LoadedModel, SplitOutputs, split_outputs
 from skinsense.labels import CLASS_CODES
-from skinsense.packaging import ModelCard, save_card
+from skinsense.lifecycle.packaging import ModelCard, save_card
 from skinsense.trust.calibration import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -258,7 +258,7 @@ def calibrate_model_dir(model_dir: Path, val_split: CachedSplit, *, referral_sen
     (and `ood_gate.safetensors`), which every predictor path then follows.
 
     Args:
-        model_dir: a model folder (see `skinsense.packaging`).
+        model_dir: a model folder (see `skinsense.lifecycle.packaging`).
         val_split: the cached validation part at the model's input size.
         referral_sensitivity: the sensitivity target (`EvalConfig.referral_sensitivity`).
         batch_size: images per forward pass.

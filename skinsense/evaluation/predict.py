@@ -18,8 +18,8 @@ import torch
 
 from skinsense.data.records import CachedSplit
 from skinsense.labels import CLASS_CODES
+from skinsense.lifecycle.packaging import ModelCard, load_model_dir
 from skinsense.models import LogitsAndFeatures
-from skinsense.packaging import ModelCard, load_model_dir
 from skinsense.presets import make_preset
 from skinsense.trust.calibration import calibrated_probabilities
 
@@ -39,14 +39,14 @@ class LoadedModel:
 
     @classmethod
     def load(cls, model_dir: Path) -> LoadedModel:
-        """Read the card and the weights of a model folder (see `skinsense.packaging`)."""
+        """Read the card and the weights of a model folder (see `skinsense.lifecycle.packaging`)."""
         model, card = load_model_dir(Path(model_dir))
         return cls(model_dir=Path(model_dir), model=model, card=card)
 
     @cached_property
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file (what the gate and the ONNX exports record)."""
-        from skinsense.export import weights_sha256
+        from skinsense.lifecycle.export import weights_sha256
 
         return weights_sha256(self.model_dir)
 

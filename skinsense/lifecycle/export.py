@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skinsense.lifecycle.packaging import WEIGHTS_FILE, ModelCard, load_model_dir
 from skinsense.models import LogitsAndFeatures
-from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_model_dir
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "image", "logits", "features"
