@@ -3,7 +3,7 @@ weights and card are read and the card written, and what goes through the networ
 
 from __future__ import annotations
 
-from skinsense.evaluation import predict
+import skinsense.evaluation.predict as predict_module
 from skinsense.lifecycle import packaging
 from skinsense.lifecycle.packaging import ModelCard
 
@@ -21,7 +21,7 @@ class LoadSpy:
         self.weights: list[str] = []
         self.card_reads = self.card_writes = 0
         self.passes: list[int] = []
-        real_load, real_forward = packaging.load_file, predict.forward_batches
+        real_load, real_forward = packaging.load_file, predict_module.forward_batches
         real_validate = ModelCard.model_validate.__func__
         real_dump = ModelCard.model_dump_json
 
@@ -45,4 +45,4 @@ class LoadSpy:
         monkeypatch.setattr(packaging, "load_file", load_file)
         monkeypatch.setattr(ModelCard, "model_validate", classmethod(model_validate))
         monkeypatch.setattr(ModelCard, "model_dump_json", model_dump_json)
-        monkeypatch.setattr(predict, "forward_batches", forward_batches)
+        monkeypatch.setattr(predict_module, "forward_batches", forward_batches)

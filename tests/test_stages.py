@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home, monkeypatch):
     """The whole evaluate stage (calibration, gate, test part, ISIC 2018, int8) from one read
-    of the weights and the card, which is written once (efficientnet_b0:
-    tests/test_evaluation.py)."""
+    of the weights and the card, which is written once (on efficientnet_b0, with the passes
+    over each part: tests/test_gate.py)."""
     from load_spy import LoadSpy
 
     from skinsense.data.synth import make_synthetic_ham10000
