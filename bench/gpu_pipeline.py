@@ -202,21 +202,18 @@ def _timing(result, started: float, ended: float, epochs: list[tuple[int, float]
 
 def evaluate_all(trained: dict[str, dict], caches: dict, sizes: dict[str, int],
                  cfg: EvalConfig, report: Report) -> None:
-    """What the evaluate task does for each model: fit on validation, measure on test."""
-    from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
+    """What the evaluate task does for each model: fit on validation, measure on test, one
+    way (`skinsense.evaluation.architecture`: the weights read once, each part through the
+    network once, the card written once), without the size and speed figures."""
+    from skinsense.evaluation.architecture import evaluate_architecture
 
+    cfg = cfg.model_copy(update={"measure_efficiency": False})
     for arch, row in trained.items():
         model_dir, cache = Path(row["model_dir"]), caches[sizes[arch]]
         started = time.perf_counter()
-        calibrate_model_dir(model_dir, cache.val, referral_sensitivity=cfg.referral_sensitivity,
-                            batch_size=cfg.batch_size, train_split=cache.train,
-                            gate_percentile=cfg.ood_percentile)
-        result = evaluate_model_dir(
-            model_dir, cache.test, out_dir=model_dir.parent / "evaluation",
-            batch_size=cfg.batch_size, manifest=read_cached_manifest(cache.test),
-            subgroup_min_images=cfg.subgroup_min_images,
-            bootstrap_resamples=cfg.bootstrap_resamples, bootstrap_seed=cfg.bootstrap_seed)
+        evaluation = evaluate_architecture(model_dir, cache, cfg)
+        evaluation.write()
+        result = evaluation.test
         m = result.metrics
         report.evaluation[arch] = {
             "seconds": time.perf_counter() - started,

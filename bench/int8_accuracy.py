@@ -50,7 +50,7 @@ def main() -> None:
     from skinsense import quantize
     from skinsense.config import TrainConfig
     from skinsense.data.synth import make_synthetic_ham10000
-    from skinsense.evaluation import calibrate_model_dir
+    from skinsense.evaluation.fit import calibrate_model_dir
     from skinsense.paths import Home
     from skinsense.training.loop import fit
 

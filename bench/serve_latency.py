@@ -100,12 +100,12 @@ def fit_example_gate(model_dir: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from skinsense.export import weights_sha256
-    from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
     from skinsense.labels import CODE_TO_INDEX
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.export import weights_sha256
+    from skinsense.lifecycle.packaging import load_card, save_card
     from skinsense.serving.app import EXAMPLES_DIR, example_images
     from skinsense.serving.predictor import Predictor
+    from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
 
     with open(EXAMPLES_DIR / "labels.csv") as f:
         labels = {row["image_id"]: CODE_TO_INDEX[row["dx"]] for row in csv.DictReader(f)}
@@ -180,8 +180,8 @@ def forward_kinds(model_dir: Path, image: Path, size: int) -> dict:
     alone and `Predictor.assess` in both precisions, all in this process."""
     import numpy as np
 
-    from skinsense.export import ONNX_FILE, onnx_session
-    from skinsense.packaging import load_model_dir
+    from skinsense.lifecycle.export import ONNX_FILE, onnx_session
+    from skinsense.lifecycle.packaging import load_model_dir
     from skinsense.quantize import INT8_FILE
     from skinsense.serving.predictor import Predictor
 
@@ -326,7 +326,7 @@ CLIENTS = (1, 2, 4, 8)
 
 def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
     """Every figure of one architecture, its apps started and stopped here."""
-    from skinsense.packaging import ModelCard, save_model_dir
+    from skinsense.lifecycle.packaging import ModelCard, save_model_dir
     from skinsense.serving.app import example_images
 
     images = example_images()

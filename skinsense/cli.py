@@ -176,13 +176,11 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from skinsense import tracking
-    from skinsense.paths import Home
-    from skinsense.serving.app import serve
-
     from mlflow.exceptions import MlflowException
 
-    from skinsense.serving.app import serve_config_from_env
+    from skinsense.lifecycle import tracking
+    from skinsense.paths import Home
+    from skinsense.serving.app import serve, serve_config_from_env
 
     uri = tracking.configure(Home.default())
     cfg = serve_config_from_env()
@@ -204,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.paths import Home
 
     uri = tracking.configure(Home.default())

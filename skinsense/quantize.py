@@ -8,7 +8,7 @@ fp32 export, `logits` and `features`, so the out-of-domain gate costs no second 
 head (global pooling to both outputs) stays in float (`head_nodes` says why).
 
 `compare_int8` measures the int8 model beside the fp32 export on the test part and on the
-non-dermatoscopic reference photos (`skinsense.ood_reference`): balanced accuracy, ECE after
+non-dermatoscopic reference photos (`skinsense.evaluation.ood_reference`): balanced accuracy, ECE after
 the card's temperature, the referral rule's sensitivity and specificity, the gate's verdict
 agreement, and the CPU latency of both at batch 1. `parity_verdict` is the rule; its result
 goes into the model card (`ModelCard.int8`), and `serving_precision` reads it back for the
@@ -44,13 +44,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel
 
 from skinsense.data.records import CachedSplit
-from skinsense.export import (
+from skinsense.lifecycle.export import (
     FEATURES_NAME,
     INPUT_NAME,
     ONNX_FILE,
@@ -61,7 +61,12 @@ from skinsense.export import (
     onnx_session,
     weights_sha256,
 )
-from skinsense.packaging import ModelCard, load_card
+from skinsense.lifecycle.packaging import ModelCard, load_card
+
+if TYPE_CHECKING:
+    import torch
+
+    from skinsense.trust.gate import OodGate
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +163,8 @@ def head_nodes(model) -> list[str]:
 
 
 def export_int8(model_dir: Path, calibration: CachedSplit, *, n_images: int = 300,
-                batch_size: int = 16, seed: int = 0) -> Path:
+                batch_size: int = 16, seed: int = 0, model: torch.nn.Module | None = None,
+                card: ModelCard | None = None) -> Path:
     """Quantize a model folder's network to int8 and write `model.int8.onnx` (and the fp32
     `model.onnx` it was quantized from) into the folder.
 
@@ -170,6 +176,8 @@ def export_int8(model_dir: Path, calibration: CachedSplit, *, n_images: int = 30
             choice; ONNX Runtime's MinMax calibration).
         batch_size: images per calibration batch.
         seed: seed of the choice.
+        model, card: the folder's network (on the CPU) and card, when the caller has them
+            loaded already (the evaluate stage); None reads them from the folder.
 
     Returns:
         The path of `model.int8.onnx` (input `image`, outputs `logits` and `features`, as the
@@ -185,7 +193,7 @@ def export_int8(model_dir: Path, calibration: CachedSplit, *, n_images: int = 30
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model_dir = Path(model_dir)
-    card = load_card(model_dir)
+    card = card if card is not None else load_card(model_dir)
     if calibration.size != card.image_size:
         raise QuantizationError(
             f"the calibration part holds {calibration.size} px images but {model_dir} takes "
@@ -194,7 +202,7 @@ def export_int8(model_dir: Path, calibration: CachedSplit, *, n_images: int = 30
     if len(images) == 0:
         raise QuantizationError(f"the calibration part {calibration.images_npy} holds no image")
     rows = calibration_rows(len(images), n_images, seed)
-    fp32 = export_onnx(model_dir)
+    fp32 = export_onnx(model_dir, model=model, card=card if model is not None else None)
     out_path = model_dir / INT8_FILE
     with tempfile.TemporaryDirectory(prefix="skinsense-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
@@ -359,8 +367,8 @@ def _session_outputs(session, images: np.ndarray, card: ModelCard, batch_size: i
 def _figures(y_true: np.ndarray, logits: np.ndarray, card: ModelCard) -> PrecisionFigures:
     from sklearn.metrics import balanced_accuracy_score
 
+    from skinsense.evaluation.metrics import expected_calibration_error
     from skinsense.trust.calibration import calibrated_probabilities
-    from skinsense.evaluation import expected_calibration_error
     from skinsense.trust.referral import is_malignant, referral_scores
 
     probabilities = calibrated_probabilities(logits, card.temperature)
@@ -397,7 +405,7 @@ def latency_ms(sessions: dict[str, Any], image: np.ndarray, *, repeats: int = 15
 def reference_pixels(size: int) -> np.ndarray:
     """The reference photos squashed to the model's input as the cache and the app do."""
     from skinsense.data.cache import resize_square
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
 
     return np.stack([np.asarray(resize_square(image, size))
                      for _, image in non_dermatoscopic_images()])
@@ -409,7 +417,8 @@ def _gate_agreement(gate, threshold: float, a: np.ndarray, b: np.ndarray) -> flo
 
 def compare_int8(model_dir: Path, test: CachedSplit, *, batch_size: int = 32,
                  min_speedup: float = DEFAULT_MIN_SPEEDUP, timing_repeats: int = 15,
-                 threads: int | None = None) -> Int8Report:
+                 threads: int | None = None, card: ModelCard | None = None,
+                 gate: OodGate | None = None) -> Int8Report:
     """Measure `model.int8.onnx` beside `model.onnx` on the test part and the reference photos.
 
     Both run in ONNX Runtime on the CPU, so the comparison is the one serving faces. The
@@ -423,6 +432,8 @@ def compare_int8(model_dir: Path, test: CachedSplit, *, batch_size: int = 32,
         min_speedup: see `parity_verdict`.
         timing_repeats: timed batch-1 runs of each precision (the median is kept).
         threads: ONNX Runtime threads (default: every core this process may use).
+        card, gate: the card and the fitted gate when the caller holds them in memory (the
+            evaluate stage, before it writes them); None reads them from the folder.
 
     Returns:
         The report, with the verdict of `parity_verdict`.
@@ -433,7 +444,7 @@ def compare_int8(model_dir: Path, test: CachedSplit, *, batch_size: int = 32,
     from skinsense.trust.gate import load_gate
 
     model_dir = Path(model_dir)
-    card = load_card(model_dir)
+    card = card if card is not None else load_card(model_dir)
     sha = weights_sha256(model_dir)
     threads = threads or cpu_threads()
     sessions = {}
@@ -455,7 +466,8 @@ def compare_int8(model_dir: Path, test: CachedSplit, *, batch_size: int = 32,
     (fp32_logits, fp32_features), (_, fp32_ref_features) = outputs["fp32"]
     (int8_logits, int8_features), (_, int8_ref_features) = outputs["int8"]
     fp32, int8 = _figures(y_true, fp32_logits, card), _figures(y_true, int8_logits, card)
-    gate, _ = load_gate(model_dir, weights_sha256=sha)
+    if gate is None:
+        gate, _ = load_gate(model_dir, weights_sha256=sha)
     agreement_test = agreement_reference = None
     if gate is not None and card.ood_threshold is not None:
         agreement_test = _gate_agreement(gate, card.ood_threshold, fp32_features, int8_features)

@@ -7,14 +7,13 @@ artifacts.
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 from skinsense.data.records import OversampledData, SplitData
 from skinsense.labels import CLASS_CODES
 
 if TYPE_CHECKING:
-    from skinsense.evaluation import EvalResult
+    from skinsense.evaluation.evaluate import EvalResult
 
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc", "mel_sensitivity",
             "mel_specificity", "ece", "referral_sensitivity", "referral_specificity",
@@ -44,7 +43,7 @@ def metrics_markdown(rows: list[dict]) -> str:
 
     Args:
         rows: {"arch", "run_link", "metrics": {...}, "gate": text} per architecture (`gate`:
-            `evaluation.gate_summary_text`, optional).
+            `evaluation.compare.gate_summary_text`, optional).
     """
     header = ("| architecture | " + " | ".join(HEADLINE)
               + " | out-of-domain gate | MLflow run |")

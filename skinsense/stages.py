@@ -15,8 +15,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig, ServeConfig
-from skinsense.evaluation import EvalResult
-from skinsense.lifecycle.handoff import ArchRequest, ArchResult, DataHandoff
 from skinsense.data.records import (
     FetchedData,
     ImageCache,
@@ -24,6 +22,8 @@ from skinsense.data.records import (
     SplitData,
     ValidatedData,
 )
+from skinsense.evaluation.evaluate import EvalResult
+from skinsense.lifecycle.handoff import ArchRequest, ArchResult, DataHandoff
 from skinsense.models import check_image_size, default_image_size
 from skinsense.paths import Home
 
@@ -124,7 +124,7 @@ def cache_images(split: SplitData, oversampled: OversampledData, size: int, cfg:
 def start_pipeline_run(cfg: PipelineConfig, home: Home, *, tags: dict[str, str],
                        split: SplitData, oversampled: OversampledData) -> str:
     """Create the MLflow parent run of a pipeline run, with its data as dataset inputs."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     experiment_id = tracking.ensure_experiment(cfg.experiment, home)
@@ -149,7 +149,7 @@ def train_architecture(cache: ImageCache, arch: str, cfg: PipelineConfig, home: 
                        class_weights: list[float] | None, parent_run_id: str,
                        fingerprint: str) -> TrainedArch:
     """Fine-tune one architecture in a nested MLflow run."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.training.launcher import train_in_subprocess
 
     tracking.configure(home)
@@ -189,105 +189,81 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
                           home: Home) -> Candidate:
     """Calibrate on the validation part and fit the out-of-domain gate (training statistics,
     validation threshold), evaluate on the held-out test part, audit subgroups; log metrics,
-    plots and reports to the arch's run and the figures to its model card."""
-    from skinsense import tracking
-    from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation import calibrate_model_dir, calibration_outcome, evaluate_model_dir
-    from skinsense.packaging import load_card, save_card
-    from skinsense.trust.referral import describe_rule
+    plots and reports to the arch's run and the figures to its model card.
 
-    tracking.configure(home)
-    model_dir, run_id = trained.model_dir, trained.run_id
-    # Temperature, referral threshold and the gate's threshold come from the validation part
-    # (the gate's statistics from the training part); the test part stays untouched until
-    # the figures below are measured on it.
-    calibration = calibrate_model_dir(model_dir, cache.val,
-                                      referral_sensitivity=cfg.referral_sensitivity,
-                                      batch_size=cfg.batch_size, train_split=cache.train,
-                                      gate_percentile=cfg.ood_percentile)
-    tracking.log_metrics(run_id, calibration.metrics())
-    intervals = {"bootstrap_resamples": cfg.bootstrap_resamples,
-                 "bootstrap_seed": cfg.bootstrap_seed}
-    result = evaluate_model_dir(model_dir, cache.test, out_dir=model_dir.parent / "evaluation",
-                                batch_size=cfg.batch_size, tta=cfg.tta, history=trained.history,
-                                efficiency=cfg.measure_efficiency,
-                                manifest=read_cached_manifest(cache.test),
-                                subgroup_min_images=cfg.subgroup_min_images, **intervals)
+    The model is loaded once and its card written once (`skinsense.evaluation.architecture`);
+    the field figures and the int8 verdict join the card before it is written."""
+    from skinsense.evaluation.architecture import evaluate_architecture as evaluate
+    from skinsense.lifecycle import tracking
     from skinsense.monitoring.field import field_figures
 
-    # The confirmed diagnoses this model never trained on (docs/OPERATIONS.md).
-    field = field_figures(model_dir, cache.train.manifest_csv, home=home.root,
+    tracking.configure(home)
+    run_id = trained.run_id
+    evaluation = evaluate(trained.model_dir, cache, cfg, history=trained.history)
+    loaded, result, card = evaluation.loaded, evaluation.test, evaluation.loaded.card
+    tracking.log_metrics(run_id, evaluation.calibration.metrics())
+    # The confirmed diagnoses this model never trained on (docs/OPERATIONS.md), predicted
+    # as the app does: the network on the CPU, the fitted card.
+    field = field_figures(loaded.model_dir, cache.train.manifest_csv, home=home.root,
                           min_cases=cfg.field_min_cases, n_resamples=cfg.bootstrap_resamples,
-                          seed=cfg.bootstrap_seed)
-    card = load_card(model_dir)
-    card.metrics |= {f"test_{k}": v for k, v in result.metrics.items()} | result.efficiency
+                          seed=cfg.bootstrap_seed, predictor=lambda: _served_predictor(loaded))
     card.metrics |= field
     tracking.log_metrics(run_id, field)
-    card.test_referral = result.referral
-    card.referral_rule = describe_rule(card.referral_threshold,
-                                       card.referral_sensitivity_target, result.referral)
-    card.subgroups = {"gaps": result.subgroup_gaps, "min_images": cfg.subgroup_min_images,
-                      "resampled_by": "lesion", **intervals,
-                      "table": "subgroups/subgroup_metrics.csv (MLflow run artifact)"}
-    card.calibration = calibration_outcome(card.temperature, calibration.n_images,
-                                           result.metrics)
-    if result.ood:
-        # The held-out verdict (`judge_gate`) replaces the fit's: it includes the fit's reason.
-        card.ood_gate = card.ood_gate | {"test": result.ood, "status": result.gate_status,
-                                         "reason": result.gate_reason,
-                                         "warning": result.gate_warning}
-    save_card(card, model_dir)
-    if cfg.int8:
-        int8 = evaluate_int8(model_dir, cache, cfg)
-        if int8 is not None:
-            tracking.log_metrics(run_id, int8.metrics(), prefix="test_")
+    int8 = evaluate_int8(evaluation, cache, cfg) if cfg.int8 else None
+    evaluation.write()
+    if int8 is not None:
+        tracking.log_metrics(run_id, int8.metrics(), prefix="test_")
     tracking.log_metrics(run_id, result.metrics, prefix="test_")
     tracking.log_metrics(run_id, result.efficiency)
     for artifact in result.artifacts:
         tracking.log_artifact(run_id, artifact, "evaluation")
     for artifact in result.subgroup_files:
         tracking.log_artifact(run_id, artifact, "subgroups")
-    if cache.isic_test is not None:
-        # The same report on the official challenge test set, comparable with its leaderboard,
-        # with the temperature and threshold chosen on HAM10000's validation part. Its
-        # metadata has no patient attributes, so no subgroup audit.
-        isic = evaluate_model_dir(model_dir, cache.isic_test, batch_size=cfg.batch_size,
-                                  tta=cfg.tta, out_dir=model_dir.parent / "evaluation-isic2018",
-                                  manifest=read_cached_manifest(cache.isic_test),
-                                  subgroups=False, **intervals)
-        tracking.log_metrics(run_id, isic.metrics, prefix="isic2018_test_")
-        for artifact in isic.artifacts:
+    if evaluation.isic is not None:
+        tracking.log_metrics(run_id, evaluation.isic.metrics, prefix="isic2018_test_")
+        for artifact in evaluation.isic.artifacts:
             tracking.log_artifact(run_id, artifact, "evaluation-isic2018")
     tracking.end_run(run_id)
-    return Candidate(arch=card.arch, model_dir=model_dir, run_id=run_id, image_size=card.image_size,
-                     test_metrics=result.metrics, evaluation=result)
+    return Candidate(arch=card.arch, model_dir=loaded.model_dir, run_id=run_id,
+                     image_size=card.image_size, test_metrics=result.metrics, evaluation=result)
 
 
-def evaluate_int8(model_dir: Path, cache: ImageCache, cfg: EvalConfig):
-    """Quantize the model folder to int8 on validation images, compare it with fp32 on the
-    test part, and write the verdict into its card (`skinsense.quantize`)."""
+def _served_predictor(loaded):
+    """The loaded network predicting as the app does: on the CPU, with the fitted card."""
+    from skinsense.serving.predictor import Predictor
+
+    return Predictor(model=loaded.to_cpu(), card=loaded.card, source=str(loaded.model_dir))
+
+
+def evaluate_int8(evaluation, cache: ImageCache, cfg: EvalConfig):
+    """Quantize the evaluated model to int8 on validation images, compare it with fp32 on
+    the test part, and put the verdict into its card in memory (`skinsense.quantize`); the
+    caller writes the card. `evaluation` is a
+    `skinsense.evaluation.architecture.ArchitectureEvaluation`: the model already loaded,
+    its card and gate fitted."""
     from skinsense import quantize
-    from skinsense.packaging import load_card, save_card
 
+    loaded, gate_fit = evaluation.loaded, evaluation.gate_fit
+    model_dir, card = loaded.model_dir, loaded.card
     try:
-        quantize.export_int8(model_dir, cache.val, n_images=cfg.int8_calibration_images)
-        report = quantize.compare_int8(model_dir, cache.test, batch_size=cfg.batch_size,
-                                       min_speedup=cfg.int8_min_speedup)
+        quantize.export_int8(model_dir, cache.val, n_images=cfg.int8_calibration_images,
+                             model=loaded.to_cpu(), card=card)
+        report = quantize.compare_int8(
+            model_dir, cache.test, batch_size=cfg.batch_size, min_speedup=cfg.int8_min_speedup,
+            card=card, gate=gate_fit.gate if gate_fit is not None else None)
         verdict = report.model_dump(mode="json")
     except Exception as exc:  # noqa: BLE001 - fp32 is still served; the evaluation stands
         log.exception("%s: no int8 model", model_dir)
         (model_dir / quantize.INT8_FILE).unlink(missing_ok=True)
         report, verdict = None, {"serve": False, "reason": f"int8 export failed: {exc}"}
-    card = load_card(model_dir)
     card.int8 = verdict
-    save_card(card, model_dir)
     return report
 
 
 def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Home) -> list[Path]:
     """The cross-architecture comparison (table and plots), logged on the parent run."""
-    from skinsense import tracking
-    from skinsense.evaluation import compare_models
+    from skinsense.evaluation.compare import compare_models
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     out_dir = home.runs / "comparisons" / parent_run_id
@@ -299,8 +275,8 @@ def compare_candidates(candidates: list[Candidate], parent_run_id: str, home: Ho
 
 def candidate_rows(candidates: list[Candidate], home: Home) -> list[dict]:
     """Per architecture: its test metrics, its gate in words and a link to its MLflow run."""
-    from skinsense import tracking
-    from skinsense.evaluation import gate_summary_text
+    from skinsense.evaluation.compare import gate_summary_text
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     return [{"arch": c.arch, "run_link": tracking.run_url(c.run_id), "metrics": c.test_metrics,
@@ -317,10 +293,9 @@ def select_best(candidates: list[Candidate], metric: str) -> Candidate:
 def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: PipelineConfig,
                          home: Home, *, test_key: str, parent_run_id: str):
     """Register the best candidate as `challenger`; promote it to `champion` if better."""
-    from skinsense import tracking
-    from skinsense.lifecycle import registry
-    from skinsense.evaluation import evaluate_model_dir
-    from skinsense.packaging import load_card
+    from skinsense.evaluation.evaluate import evaluate_model_dir
+    from skinsense.lifecycle import registry, tracking
+    from skinsense.lifecycle.packaging import load_card
 
     tracking.configure(home)
     metric = cfg.eval.metric
@@ -348,7 +323,7 @@ def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: Pi
 def finish_pipeline_run(parent_run_id: str, home: Home, candidates: list[Candidate],
                         *, failed: bool = False) -> None:
     """Log each candidate's test metrics on the parent run and close it."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     for c in candidates:
@@ -358,7 +333,7 @@ def finish_pipeline_run(parent_run_id: str, home: Home, candidates: list[Candida
 
 def deploy_champion(cfg: ServeConfig, home: Home, *, expected_version: str | None):
     """Start (or restart) the app serving the champion and prove it answers."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.serving.deploy import deploy_app
 
     uri = tracking.configure(home)
@@ -418,7 +393,7 @@ def receive_data(request: ArchRequest, home: Home) -> ImageCache:
 
 def publish_candidate(candidate: Candidate, home: Home) -> ArchResult:
     """In a child run: log the model folder to MLflow and return what the parent needs."""
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.lifecycle.handoff import publish_candidate as publish
 
     tracking.configure(home)
@@ -433,7 +408,7 @@ def receive_candidates(outcomes: list[ChildOutcome], home: Home) -> list[Candida
         FanOutError: a completed child's model could not be received here; the message also
             names every child run that did not complete, so that neither hides the other.
     """
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.lifecycle.handoff import rebase_evaluation, receive_model_dir
 
     tracking.configure(home)

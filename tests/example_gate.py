@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
 from skinsense.labels import CODE_TO_INDEX
-from skinsense.packaging import load_card, save_card
+from skinsense.lifecycle.packaging import load_card, save_card
 from skinsense.serving.app import EXAMPLES_DIR, example_images
+from skinsense.trust.gate import choose_threshold, fit_gate, save_gate
 
 
 def example_labels() -> dict[str, str]:
@@ -49,7 +49,7 @@ def fit_example_gate(model_dir: Path, *, percentile: float = 95.0) -> float:
 
     Eleven views of each example fit the statistics, the other four set the threshold.
     """
-    from skinsense.export import weights_sha256
+    from skinsense.lifecycle.export import weights_sha256
     from skinsense.serving.predictor import Predictor
 
     predictor = Predictor.from_model_dir(model_dir, backend="torch")

@@ -32,11 +32,10 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from skinsense import tracking
-from skinsense.lifecycle import registry
-from skinsense.export import ONNX_FILE
+from skinsense.lifecycle import registry, tracking
+from skinsense.lifecycle.export import ONNX_FILE
+from skinsense.lifecycle.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
 from skinsense.paths import Home
 from skinsense.serving.app import SERVE_CONFIG_ENV, example_images
 from skinsense.serving.deploy import health, stop_app  # noqa: F401 (re-exported for others)
@@ -108,7 +107,7 @@ def exported_template(tmp_path_factory) -> Path:
     if not _TEMPLATE:
         from example_gate import fit_example_gate
 
-        from skinsense.export import export_onnx
+        from skinsense.lifecycle.export import export_onnx
 
         model_dir = save_tiny_model(tmp_path_factory.mktemp("template") / "model")
         export_onnx(model_dir)
@@ -214,7 +213,7 @@ def assess(client, path: Path | str) -> dict:
 
 def non_dermatoscopic_photo(out: Path, name: str = "cat") -> Path:
     """A real photo that is not a dermatoscopic image (scikit-image's), as a JPEG file."""
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
 
     path = out / f"{name}.jpg"
     dict(non_dermatoscopic_images())[name].save(path, quality=92)
@@ -361,7 +360,7 @@ def test_health_describes_the_served_model(app):
     assert state["arch"] == "resnet18" and state["image_size"] == 32
     assert state["backend"] == "onnxruntime"  # registered versions carry model.onnx
     assert state["reload_error"] is None and state["reload_interval_s"] == 0.5
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.packaging import load_card
 
     threshold = load_card(_TEMPLATE[0]).ood_threshold
     assert state["ood_threshold"] == pytest.approx(threshold)
@@ -587,7 +586,7 @@ def test_a_model_whose_gate_is_unusable_serves_without_it_and_says_so(template, 
     serves the model without it, and the page, the answers and /health say so and why."""
     from gradio_client import Client
 
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     model_dir = tmp_path / "unusable"
     shutil.copytree(template, model_dir)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from skinsense.evaluation.metrics import expected_calibration_error
 from skinsense.trust.calibration import (
     MAX_TEMPERATURE,
     calibrated_probabilities,
@@ -14,7 +15,6 @@ from skinsense.trust.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from skinsense.evaluation import expected_calibration_error
 
 
 def calibrated_sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

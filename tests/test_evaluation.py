@@ -10,24 +10,30 @@ import pandas as pd
 import pytest
 import torch
 
-from skinsense import plots
-from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.data.records import CachedSplit
-from skinsense.evaluation import (
-    HEADLINE_METRICS,
-    classification_metrics,
+from skinsense.evaluation.compare import (
     compare_models,
     comparison_table,
-    evaluate_model_dir,
-    evaluation_report,
-    measure_efficiency,
-    predict_logits,
-    predict_probabilities,
     write_comparison,
 )
+from skinsense.evaluation.efficiency import measure_efficiency
+from skinsense.evaluation.evaluate import evaluate_model_dir
+from skinsense.evaluation.metrics import (
+    HEADLINE_METRICS,
+    classification_metrics,
+    evaluation_report,
+)
+from skinsense.evaluation.plots import (
+    plot_confusion_matrix,
+    plot_model_comparison,
+    plot_per_class_recall,
+    plot_training_curves,
+)
+from skinsense.evaluation.predict import predict_logits, predict_probabilities
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
+from skinsense.lifecycle.packaging import ModelCard, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, save_model_dir
+from skinsense.trust.calibration import calibrated_probabilities
 
 # The hand-made cases predict classes absent from y_true on purpose; scikit-learn says so.
 pytestmark = pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
@@ -241,15 +247,15 @@ def test_every_figure_writes_a_png(tmp_path):
     confusion = np.arange(49).reshape(7, 7)
     confusion[3] = 0  # an absent class
     paths = [
-        plots.plot_confusion_matrix(confusion, tmp_path / "cm.png"),
-        plots.plot_per_class_recall(
+        plot_confusion_matrix(confusion, tmp_path / "cm.png"),
+        plot_per_class_recall(
             {"efficientnet_b0": {"mel": 0.6, "nv": 0.9},
              "maxvit_t": {code: 0.5 for code in CLASS_CODES} | {"df": math.nan}},
             tmp_path / "recall.png"),
-        plots.plot_training_curves(
+        plot_training_curves(
             [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "val_balanced_accuracy": e / 5}
              for e in range(1, 4)], tmp_path / "curves.png"),
-        plots.plot_model_comparison(ROWS, tmp_path / "sub" / "comparison.png"),
+        plot_model_comparison(ROWS, tmp_path / "sub" / "comparison.png"),
     ]
     assert [p.name for p in paths] == ["cm.png", "recall.png", "curves.png", "comparison.png"]
     assert all(is_png(p) for p in paths)
@@ -278,7 +284,7 @@ def copy_with_card(model_dir, out, **card_fields):
     """A copy of a model folder whose card has `card_fields` set."""
     import shutil
 
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     shutil.copytree(model_dir, out)
     card = load_card(out)
@@ -304,8 +310,12 @@ def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached
     metrics = result.metrics
     # Dividing logits by 0.05 sharpens every prediction: the calibration metrics move, the
     # metrics of the predicted class alone do not.
-    from skinsense.trust.calibration import calibrated_probabilities, negative_log_likelihood
-    from skinsense.evaluation import expected_calibration_error, predict_logits
+    from skinsense.evaluation.metrics import expected_calibration_error
+    from skinsense.evaluation.predict import predict_logits
+    from skinsense.trust.calibration import (
+        calibrated_probabilities,
+        negative_log_likelihood,
+    )
 
     logits, y_true = predict_logits(model_dir, cached_part), np.load(cached_part.labels_npy)
     assert metrics["ece"] == pytest.approx(expected_calibration_error(
@@ -332,7 +342,7 @@ def test_evaluation_reports_calibration_referral_and_subgroups(model_dir, cached
     saved = np.load(tmp_path / "eval" / "test_probabilities.npy")
     np.testing.assert_allclose(saved, predict_probabilities(calibrated, cached_part), atol=1e-6)
     assert "referral" not in " ".join(plain.metrics)  # no threshold, no referral figures
-    from skinsense.evaluation import comparison_row
+    from skinsense.evaluation.compare import comparison_row
 
     assert comparison_row(result)["referral_specificity"] == metrics["referral_specificity"]
 
@@ -352,8 +362,8 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     its target on validation, and the test metrics of the argmax do not move."""
     from skinsense.config import TrainConfig
     from skinsense.data.cache import read_cached_manifest
-    from skinsense.evaluation import calibrate_model_dir
-    from skinsense.packaging import load_card
+    from skinsense.evaluation.fit import calibrate_model_dir
+    from skinsense.lifecycle.packaging import load_card
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
@@ -384,7 +394,7 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     assert calibration.ece < calibration.ece_uncalibrated - 0.05
     # Whether it also helped on the untouched test part (37 images here: on this sample it
     # does not) is recorded as measured, and decides whether the app says "calibrated".
-    from skinsense.evaluation import calibration_outcome
+    from skinsense.evaluation.evaluate import calibration_outcome
 
     outcome = calibration_outcome(card.temperature, calibration.n_images, after.metrics)
     assert outcome["helped"] is (after.metrics["nll"] < after.metrics["nll_uncalibrated"]
@@ -394,8 +404,8 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     card.calibration = outcome
     assert card.calibrated is outcome["helped"]
     # The referral figures are the rule applied to the served probabilities.
+    from skinsense.evaluation.predict import predict_logits
     from skinsense.trust.calibration import calibrated_probabilities
-    from skinsense.evaluation import predict_logits
     from skinsense.trust.referral import is_malignant, referral_scores
 
     y_test = np.load(cache.test.labels_npy)
@@ -404,3 +414,4 @@ def test_calibrating_a_trained_model(cached_sample, tmp_path):
     malignant = is_malignant(y_test)
     assert after.metrics["referral_sensitivity"] == pytest.approx(
         np.mean(scores[malignant] >= card.referral_threshold))
+

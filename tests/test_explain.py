@@ -11,13 +11,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from skinsense.labels import CODE_TO_INDEX
+from skinsense.lifecycle.packaging import ModelCard, save_model_dir
 from skinsense.models import (
     NoExplanationError,
     build_model,
     cam_target_layer,
     cam_target_layer_path,
 )
-from skinsense.packaging import ModelCard, save_model_dir
 from skinsense.presets import make_preset
 
 MEL, NV = CODE_TO_INDEX["mel"], CODE_TO_INDEX["nv"]

@@ -8,9 +8,14 @@ import random_models
 import torch
 from safetensors.torch import load_file, save_file
 
-from skinsense.export import ONNX_FILE, OnnxMismatchError, check_onnx_agrees, export_onnx
+from skinsense.lifecycle.export import (
+    ONNX_FILE,
+    OnnxMismatchError,
+    check_onnx_agrees,
+    export_onnx,
+)
+from skinsense.lifecycle.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
 from skinsense.models import build_model, head_name
-from skinsense.packaging import WEIGHTS_FILE, ModelCard, save_model_dir
 from skinsense.serving.app import EXAMPLES_DIR
 from skinsense.serving.predictor import Predictor
 
@@ -60,8 +65,8 @@ def test_export_is_one_self_contained_file(exported):
 def test_the_features_output_is_what_the_head_reads(exported):
     """ONNX features agree with PyTorch's head input, and the head applied to them gives
     the logits: one forward pass serves both the classifier and the out-of-domain gate."""
-    from skinsense.export import onnx_session
-    from skinsense.packaging import load_model_dir
+    from skinsense.lifecycle.export import onnx_session
+    from skinsense.lifecycle.packaging import load_model_dir
 
     _, model_dir = exported
     model, _ = load_model_dir(model_dir)
@@ -132,10 +137,10 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
 
     import pandas as pd
 
-    from skinsense.trust.calibration import calibrated_probabilities
     from skinsense.labels import CLASS_CODES
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
     from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT, SkinSensePyfunc
+    from skinsense.trust.calibration import calibrated_probabilities
 
     _, exported_dir = exported
     model_dir = tmp_path / "calibrated"
@@ -168,8 +173,8 @@ def test_every_predictor_path_applies_the_cards_temperature(exported, tmp_path):
 
 def test_served_sessions_do_not_busy_wait_between_runs(exported):
     """ONNX Runtime's threads would otherwise spin after each run on the cores that the app's
-    event loop and JPEG decode need (skinsense.export.onnx_session); asking for it works."""
-    from skinsense.export import onnx_session
+    event loop and JPEG decode need (skinsense.lifecycle.export.onnx_session); asking for it works."""
+    from skinsense.lifecycle.export import onnx_session
     from skinsense.serving.runtime import OnnxRunner
 
     _, model_dir = exported

@@ -13,7 +13,7 @@ import pytest
 
 from skinsense import stages
 from skinsense.config import PipelineConfig, TrainConfig
-from skinsense.evaluation import EvalResult
+from skinsense.evaluation.evaluate import EvalResult
 from skinsense.lifecycle.handoff import (
     HANDOFF_FILE,
     ArchResult,

@@ -138,7 +138,6 @@ def exposed_app(home, tmp_path_factory, monkeypatch):
     """The app configured as listening beyond loopback (serve.host 0.0.0.0), served here on
     127.0.0.1 only, with one feedback login."""
     import uvicorn
-
     from test_app import exported_template, free_tcp_port
 
     from skinsense.config import ServeConfig
@@ -196,9 +195,9 @@ def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answere
                                                                          arch, size):
     import torch
 
+    from skinsense.lifecycle.packaging import ModelCard, save_model_dir
     from skinsense.models import build_model
     from skinsense.monitoring.field import field_figures
-    from skinsense.packaging import ModelCard, save_model_dir
 
     with torch.random.fork_rng():
         model = build_model(arch, image_size=size)

@@ -46,7 +46,7 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
     evaluation = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
     # The test part's refusal rate on the run is the evaluation's, and the gate's verdict
     # (usable or not, with a warning over twice the nominal rate) follows from its figures.
-    from skinsense.evaluation import judge_gate
+    from skinsense.evaluation.ood import judge_gate
 
     report_path = mlflow.artifacts.download_artifacts(
         run_id=child.info.run_id, artifact_path="evaluation/evaluation.json",
@@ -72,9 +72,9 @@ def assert_calibrated_triaged_and_audited(client: MlflowClient, child, tmp_path)
 
 def assert_card_has_the_new_fields(champion, tmp_path) -> None:
     """The registered model card carries the temperature, the rule and the audit's gaps."""
-    from skinsense.trust.gate import GATE_FILE
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.packaging import load_card
     from skinsense.lifecycle.registry import download_model_dir
+    from skinsense.trust.gate import GATE_FILE
 
     model_dir = download_model_dir("skinsense", str(champion.version), tmp_path / "champ")
     card = load_card(model_dir)
@@ -113,7 +113,7 @@ def test_pipeline_end_to_end_leaves_a_working_app(prefect_harness, home, synthet
         assert state["arch"] == result["best"]
         # A model trained this briefly may have features that barely vary (issue 19): its
         # gate is then unusable, the app serves it without the gate and /health says why.
-        from skinsense.packaging import load_card
+        from skinsense.lifecycle.packaging import load_card
         from skinsense.lifecycle.registry import download_model_dir
 
         served = load_card(download_model_dir("skinsense", result["version"],

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
-from skinsense.evaluation import ood_report
+from skinsense.evaluation.ood import ood_report
 from skinsense.trust.gate import (
     ABSENT,
     GATE_FILE,
-    GateDamagedError,
     MIN_RELATIVE_SPREAD,
+    GateDamagedError,
     GateError,
     choose_threshold,
     fit_gate,
@@ -193,7 +193,10 @@ def test_ood_report_on_hand_made_scores():
 
 
 def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch):
-    from skinsense.ood_reference import SKIMAGE_IMAGES, non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import (
+        SKIMAGE_IMAGES,
+        non_dermatoscopic_images,
+    )
 
     def no_network(*args, **kwargs):
         raise AssertionError("the reference images must not be downloaded")
@@ -215,7 +218,8 @@ def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch
 def trained_with_gate(cached_sample, tmp_path_factory):
     """resnet18 trained 2 epochs on the synthetic sample, calibrated with its gate, evaluated."""
     from skinsense.config import TrainConfig
-    from skinsense.evaluation import calibrate_model_dir, evaluate_model_dir
+    from skinsense.evaluation.evaluate import evaluate_model_dir
+    from skinsense.evaluation.fit import calibrate_model_dir
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
@@ -233,8 +237,8 @@ def trained_with_gate(cached_sample, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with_gate):
-    from skinsense.evaluation import training_originals
-    from skinsense.packaging import load_card
+    from skinsense.evaluation.fit import training_originals
+    from skinsense.lifecycle.packaging import load_card
 
     model_dir, calibration, result, cache = trained_with_gate
     card = load_card(model_dir)
@@ -252,7 +256,7 @@ def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with
     # In-domain test images (never seen by the fit or the threshold) pass at about the
     # configured rate (37 images: allow for chance; P(6 or more of 37 refused | 5%) is
     # under 2%), and the rate is the share of their scores above the threshold.
-    from skinsense.evaluation import predict_outputs
+    from skinsense.evaluation.predict import predict_outputs
 
     _, test_features = predict_outputs(model_dir, cache.test)
     gate, _ = load_gate(model_dir)
@@ -274,8 +278,8 @@ def test_the_served_gate_scores_as_the_evaluation_did(trained_with_gate):
     evaluation gave it, and refuses it; a refused image still carries its probabilities."""
     import pandas as pd
 
-    from skinsense.export import export_onnx
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
+    from skinsense.lifecycle.export import export_onnx
     from skinsense.serving.predictor import Predictor
 
     model_dir, _, result, _ = trained_with_gate
@@ -300,7 +304,7 @@ def test_the_served_gate_scores_as_the_evaluation_did(trained_with_gate):
 
 
 def test_judge_gate_on_hand_made_figures():
-    from skinsense.evaluation import judge_gate
+    from skinsense.evaluation.ood import judge_gate
 
     good = {"ood_rate": 2 / 37, "ood_n_in": 37.0, "ood_auroc": 0.97, "ood_auroc_p_value": 1e-9}
     assert judge_gate(good, 95.0) == ("usable", "", "")
@@ -324,19 +328,26 @@ def test_judge_gate_on_hand_made_figures():
 
 
 @pytest.mark.slow
-def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sample, tmp_path):
+def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sample, tmp_path,
+                                                                        monkeypatch):
     """The issue's situation without its training: an efficientnet_b0 whose last layer
     squashes every image to nearly the same features. The evaluation records the gate as
     unusable with the reason, the comparison says so, the predictor serves without it and
-    answers; a training part whose manifest cannot be read is named in `fitted_on`."""
+    answers; a training part whose manifest cannot be read is named in `fitted_on`.
+
+    It goes the evaluate stage's way (`skinsense.evaluation.architecture`): the weights and
+    the card are read once, each part goes through the network once, the card is written
+    once; and the folder it leaves evaluates, step by step, to the same figures."""
+    from load_spy import LoadSpy
     from random_models import calibrated_model
 
-    from skinsense.evaluation import (
-        calibrate_model_dir,
-        comparison_row,
-        evaluate_model_dir,
-    )
-    from skinsense.packaging import ModelCard, load_card, save_model_dir
+    from skinsense.config import EvalConfig
+    from skinsense.data.cache import read_cached_manifest
+    from skinsense.evaluation.architecture import evaluate_architecture
+    from skinsense.evaluation.compare import comparison_row
+    from skinsense.evaluation.evaluate import evaluate_model_dir
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
+    from skinsense.lifecycle.packaging import ModelCard, load_card, save_model_dir
     from skinsense.serving.app import example_images
     from skinsense.serving.predictor import Predictor
 
@@ -349,23 +360,35 @@ def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sa
         last.weight.mul_(1e-7)
         last.bias.fill_(1.0)
     model_dir = save_model_dir(model, ModelCard(arch="efficientnet_b0", image_size=32),
-                               tmp_path / "flat")
-    no_manifest = cache.train.model_copy(update={"manifest_csv": None})
-    calibration = calibrate_model_dir(model_dir, cache.val, referral_sensitivity=0.9,
-                                      train_split=no_manifest, gate_percentile=95)
-    card = load_card(model_dir)
+                               tmp_path / "flat" / "model")
+    no_manifest = cache.model_copy(update={
+        "train": cache.train.model_copy(update={"manifest_csv": None})})
+    cfg = EvalConfig(referral_sensitivity=0.9, ood_percentile=95, bootstrap_resamples=100,
+                     measure_efficiency=False)
+    spy = LoadSpy(monkeypatch)
+    evaluation = evaluate_architecture(model_dir, no_manifest, cfg)
+    assert not (model_dir / GATE_FILE).exists()  # nothing is written before the end
+    evaluation.write()
+    assert spy.weights == [str(model_dir / "weights.safetensors")]
+    assert (spy.card_reads, spy.card_writes) == (1, 1)
+    assert spy.passes == [cache.val.n, cache.train.n, len(non_dermatoscopic_images()),
+                          cache.test.n]
+
+    card, result = load_card(model_dir), evaluation.test
     assert card.ood_gate["status"] == "unusable" and "barely vary" in card.ood_gate["reason"]
     assert card.ood_gate["relative_spread"] < MIN_RELATIVE_SPREAD
     assert "oversampled copies included" in card.ood_gate["fitted_on"]
     assert "could not be read" in card.ood_gate["fitted_on"]
-    assert calibration.ood_gate_images == card.ood_gate["train_images"] == cache.train.n
-
-    result = evaluate_model_dir(model_dir, cache.test, out_dir=tmp_path / "eval",
-                                bootstrap_resamples=50)
+    assert evaluation.calibration.ood_gate_images == card.ood_gate["train_images"] == cache.train.n
     assert result.gate_status == "unusable" and "barely vary" in result.gate_reason
     assert comparison_row(result)["gate"].startswith("UNUSABLE: the model's features")
     report = json.loads(result.report_json.read_text())
     assert report["ood_gate"]["status"] == "unusable"
+    # The folder as written, evaluated step by step (gate from its file, card from disk).
+    again = evaluate_model_dir(model_dir, cache.test, out_dir=tmp_path / "again",
+                               manifest=read_cached_manifest(cache.test), bootstrap_resamples=100)
+    assert again.metrics == pytest.approx(result.metrics, nan_ok=True)
+    assert (again.gate_status, again.gate_reason) == (result.gate_status, result.gate_reason)
 
     predictor = Predictor.from_model_dir(model_dir)
     assert predictor.gate is None and predictor.gate_status == "unusable"
@@ -376,7 +399,8 @@ def test_a_model_whose_features_barely_vary_is_served_without_its_gate(cached_sa
 
 
 def test_the_prefect_artifacts_and_the_comparison_say_when_a_gate_cannot_judge(tmp_path):
-    from skinsense.evaluation import EvalResult, comparison_row, write_comparison
+    from skinsense.evaluation.compare import comparison_row, write_comparison
+    from skinsense.evaluation.evaluate import EvalResult
     from skinsense.reports import metrics_markdown, subgroups_markdown
 
     def result(arch: str, status: str, reason: str = "", warning: str = "") -> EvalResult:

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from random_models import calibrated_model, small_size
+
 from skinsense.models import available_archs
 
 PRODUCTION = ("efficientnet_b0", "efficientnet_b3", "maxvit_t")
@@ -73,14 +73,19 @@ def test_onnx_and_pytorch_give_the_gate_the_same_scores(arch, tmp_path):
     from example_gate import example_labels, views
 
     from skinsense.data.cache import resize_square
-    from skinsense.export import export_onnx
-    from skinsense.trust.gate import choose_threshold, fit_gate
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
     from skinsense.labels import CODE_TO_INDEX
-    from skinsense.ood_reference import non_dermatoscopic_images
-    from skinsense.packaging import ModelCard, load_card, save_card, save_model_dir
+    from skinsense.lifecycle.export import export_onnx
+    from skinsense.lifecycle.packaging import (
+        ModelCard,
+        load_card,
+        save_card,
+        save_model_dir,
+    )
     from skinsense.presets import make_preset
     from skinsense.serving.app import example_images
     from skinsense.serving.predictor import Predictor
+    from skinsense.trust.gate import choose_threshold, fit_gate
 
     size = small_size(arch)
     labels = example_labels()

@@ -32,11 +32,14 @@ STANDALONE_MODULES = [
     "skinsense.data.duplicates",
     "skinsense.data.datasets", "skinsense.training.loop", "skinsense.training.launcher",
     "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",
-    "skinsense.presets", "skinsense.packaging",
+    "skinsense.presets", "skinsense.lifecycle.packaging",
     # Serving applies the trust rules; evaluation fits them and adds the audit.
     "skinsense.trust.calibration", "skinsense.trust.referral", "skinsense.trust.gate",
-    "skinsense.trust.quality", "skinsense.bootstrap", "skinsense.subgroups",
-    "skinsense.ood_reference", "skinsense.evaluation",
+    "skinsense.trust.quality", "skinsense.evaluation.bootstrap", "skinsense.evaluation.subgroups",
+    "skinsense.evaluation.ood_reference", "skinsense.evaluation.plots",
+    "skinsense.evaluation.predict", "skinsense.evaluation.metrics", "skinsense.evaluation.fit",
+    "skinsense.evaluation.evaluate", "skinsense.evaluation.ood", "skinsense.evaluation.compare",
+    "skinsense.evaluation.efficiency", "skinsense.evaluation.architecture",
     "skinsense.serving.predictor", "skinsense.serving.explain",
 ]
 ORCHESTRATION = {"prefect", "mlflow", "gradio"}
@@ -77,12 +80,17 @@ def test_tasks_are_thin():
 # point, and imports flows and deployments only when the command that needs them runs.
 LAYERS = [
     ("foundations", ["skinsense", "skinsense.labels", "skinsense.config", "skinsense.paths",
-                     "skinsense.processes", "skinsense.tracking", "skinsense.models",
-                     "skinsense.presets", "skinsense.packaging", "skinsense.export"]),
+                     "skinsense.processes", "skinsense.models", "skinsense.presets",
+                     # lifecycle/'s model folder, its ONNX export and the MLflow runs: training,
+                     # evaluation and serving all use them (its handoff and registry sit on top)
+                     "skinsense.lifecycle.packaging", "skinsense.lifecycle.export",
+                     "skinsense.lifecycle.tracking"]),
     ("data", ["skinsense.data"]),
     ("training, trust and the audit", [
-        "skinsense.training", "skinsense.trust", "skinsense.bootstrap", "skinsense.subgroups",
-        "skinsense.ood_reference", "skinsense.plots",
+        # The audit modules live in evaluation/ but depend on nothing else there.
+        "skinsense.training", "skinsense.trust", "skinsense.evaluation.bootstrap",
+        "skinsense.evaluation.subgroups", "skinsense.evaluation.ood_reference",
+        "skinsense.evaluation.plots",
         # After deployment: the log and feedback store, the feedback source, drift statistics.
         "skinsense.monitoring"]),
     ("evaluation and serving", ["skinsense.evaluation", "skinsense.quantize", "skinsense.serving",
@@ -162,6 +170,6 @@ def test_no_import_cycle():
 def test_the_layer_checks_see_the_imports():
     # The checks above pass trivially if the graph is empty or misses lazy imports.
     assert "skinsense.serving.predictor" in GRAPH["skinsense.serving.explain"]
-    assert "skinsense.tracking" in GRAPH["skinsense.training.worker"]  # inside a function
+    assert "skinsense.lifecycle.tracking" in GRAPH["skinsense.training.worker"]  # inside a function
     assert {"flows.pipeline", "deployments.serve"} <= GRAPH["skinsense.cli"]  # import_module
     assert _layer("skinsense.trust.gate") < _layer("skinsense.serving.predictor")

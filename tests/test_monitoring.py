@@ -33,7 +33,7 @@ def register_champion(home, tmp_path_factory) -> tuple:
     MLflow store under `home`; returns its folder, version and the store."""
     from test_app import Store, exported_template, register_version
 
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
 
     tracking.configure(home)
     model_dir = shutil.copytree(exported_template(tmp_path_factory), home.root / "champion")
@@ -109,11 +109,10 @@ def test_the_monitor_flow_writes_its_artifact_and_run_and_emits_the_events(
         prefect_harness, home, tmp_path_factory):
     import mlflow
     from prefect.client.orchestration import get_client
-
     from test_app import MODEL_NAME
 
     from flows.monitor import skinsense_monitor
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.packaging import load_card
 
     model_dir, version, store = register_champion(home, tmp_path_factory)
     insert(window(300, drifted=True))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from skinsense.lifecycle.packaging import ModelCard, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, save_model_dir
 from skinsense.serving.app import EXAMPLES_DIR
 from skinsense.serving.explain import explain_image
 from skinsense.serving.predictor import ImageRejected, Predictor
@@ -155,7 +155,7 @@ def gated(tmp_path_factory):
     """A 32 px model folder with a gate fitted on views of the real examples, and its ONNX."""
     from example_gate import fit_example_gate
 
-    from skinsense.export import export_onnx
+    from skinsense.lifecycle.export import export_onnx
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -180,7 +180,7 @@ def test_a_stale_gate_is_not_used(gated, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from skinsense.packaging import WEIGHTS_FILE
+    from skinsense.lifecycle.packaging import WEIGHTS_FILE
 
     stale = tmp_path / "stale"
     shutil.copytree(gated, stale)
@@ -200,7 +200,7 @@ def test_an_onnx_export_from_before_the_gate_still_serves(gated, tmp_path):
 
     import onnx
 
-    from skinsense.export import ONNX_FILE
+    from skinsense.lifecycle.export import ONNX_FILE
     from skinsense.trust.gate import GATE_FILE
 
     old = tmp_path / "old"

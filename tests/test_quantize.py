@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from skinsense import quantize
-from skinsense.packaging import ModelCard
+from skinsense.lifecycle.packaging import ModelCard
 from skinsense.quantize import (
     INT8_FILE,
     MAX_BALANCED_ACCURACY_DROP,
@@ -120,9 +120,13 @@ def test_int8_export_of_the_production_architectures(arch, size, tmp_path):
     """Calibrated on the validation part only, both outputs kept, every Conv runs in int8."""
     import torch
 
-    from skinsense.export import WEIGHTS_SHA256_KEY, onnx_session, weights_sha256
+    from skinsense.lifecycle.export import (
+        WEIGHTS_SHA256_KEY,
+        onnx_session,
+        weights_sha256,
+    )
+    from skinsense.lifecycle.packaging import save_model_dir
     from skinsense.models import build_model
-    from skinsense.packaging import save_model_dir
 
     torch.manual_seed(0)
     model_dir = save_model_dir(build_model(arch, image_size=size),
@@ -151,8 +155,8 @@ def test_int8_export_of_the_production_architectures(arch, size, tmp_path):
 
 
 def test_the_calibration_part_must_match_the_model(tmp_path):
+    from skinsense.lifecycle.packaging import save_model_dir
     from skinsense.models import build_model
-    from skinsense.packaging import save_model_dir
 
     model_dir = save_model_dir(build_model("efficientnet_b0", image_size=32),
                                ModelCard(arch="efficientnet_b0", image_size=32),
@@ -177,7 +181,7 @@ def trained_int8(cached_sample, tmp_path_factory):
     validation part and compared with fp32 on the test part (speed no condition here: timings
     never decide a test)."""
     from skinsense.config import TrainConfig
-    from skinsense.evaluation import calibrate_model_dir
+    from skinsense.evaluation.fit import calibrate_model_dir
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
@@ -194,7 +198,7 @@ def trained_int8(cached_sample, tmp_path_factory):
 
 
 def write_verdict(model_dir: Path, report) -> None:
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     card = load_card(model_dir)
     card.int8 = report.model_dump(mode="json")
@@ -205,8 +209,8 @@ def write_verdict(model_dir: Path, report) -> None:
 def test_the_comparison_measures_int8_on_the_test_part(trained_int8):
     from sklearn.metrics import balanced_accuracy_score
 
-    from skinsense.export import onnx_session
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.export import onnx_session
+    from skinsense.lifecycle.packaging import load_card
     from skinsense.serving.predictor import Predictor
 
     model_dir, cache, report = trained_int8

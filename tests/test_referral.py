@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from skinsense.evaluation import referral_metrics, referral_report
+from skinsense.evaluation.metrics import referral_metrics, referral_report
 from skinsense.labels import CLASS_CODES, CODE_TO_INDEX
-from skinsense.packaging import ModelCard
+from skinsense.lifecycle.packaging import ModelCard
 from skinsense.trust.referral import (
     REFERRAL_CODES,
     choose_referral_threshold,

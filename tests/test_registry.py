@@ -9,11 +9,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from skinsense import tracking
-from skinsense.lifecycle import registry
-from skinsense.export import ONNX_FILE, weights_sha256
+from skinsense.lifecycle import registry, tracking
+from skinsense.lifecycle.export import ONNX_FILE, weights_sha256
+from skinsense.lifecycle.packaging import ModelCard, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, save_model_dir
 
 _EXPORTS: dict[str, bytes] = {}
 
@@ -155,7 +154,7 @@ def gated_version(tmp_path, experiment_id) -> str:
     """A registered version with the gate fitted on the real examples and a referral rule."""
     from example_gate import fit_example_gate
 
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     model_dir, run_id = candidate(tmp_path, "gated", experiment_id)
     card = load_card(model_dir)
@@ -172,7 +171,7 @@ def gate_inputs(tmp_path) -> list[bytes]:
 
     from PIL import Image
 
-    from skinsense.ood_reference import non_dermatoscopic_images
+    from skinsense.evaluation.ood_reference import non_dermatoscopic_images
     from skinsense.serving.app import EXAMPLES_DIR
 
     def jpeg(image) -> bytes:
@@ -384,7 +383,7 @@ def test_cli_registry_show_promote_rollback(tmp_path, store, capsys):
 def test_calibration_referral_and_gaps_go_on_the_version_and_registry_show(
         tmp_path, store, capsys, monkeypatch):
     from skinsense.cli import main
-    from skinsense.packaging import load_card, save_card
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     model_dir, run_id = candidate(tmp_path, "calibrated", store)
     card = load_card(model_dir)
@@ -429,8 +428,8 @@ def test_registry_show_says_what_a_useless_temperature_did_and_that_a_gate_is_un
     evaluation found unusable. `registry show` says what was fitted and what it did, and
     that the model is served without its gate; neither is called calibrated or on."""
     from skinsense.cli import main
-    from skinsense.evaluation import calibration_outcome
-    from skinsense.packaging import load_card, save_card
+    from skinsense.evaluation.evaluate import calibration_outcome
+    from skinsense.lifecycle.packaging import load_card, save_card
 
     model_dir, run_id = candidate(tmp_path, "useless", store)
     card = load_card(model_dir)

@@ -5,7 +5,6 @@ The servers themselves refusing strangers is tested end to end in test_team_stac
 
 from __future__ import annotations
 
-import socket
 import stat
 
 import pytest

@@ -5,15 +5,21 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from skinsense import stages, tracking
+from skinsense import stages
 from skinsense.config import DataConfig, EvalConfig, PipelineConfig
+from skinsense.lifecycle import tracking
+from skinsense.lifecycle.packaging import ModelCard, load_card, save_model_dir
 from skinsense.models import build_model
-from skinsense.packaging import ModelCard, load_card, save_model_dir
 
 pytestmark = pytest.mark.slow
 
 
-def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
+def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home, monkeypatch):
+    """The whole evaluate stage (calibration, gate, test part, ISIC 2018, int8) from one read
+    of the weights and the card, which is written once (on efficientnet_b0, with the passes
+    over each part: tests/test_gate.py)."""
+    from load_spy import LoadSpy
+
     from skinsense.data.synth import make_synthetic_ham10000
 
     source = make_synthetic_ham10000(tmp_path / "synth", n_images=120, seed=5,
@@ -31,9 +37,15 @@ def test_isic2018_test_set_is_evaluated_beside_the_test_part(tmp_path, home):
     model_dir = save_model_dir(build_model("resnet18", image_size=32),
                                ModelCard(arch="resnet18", image_size=32), tmp_path / "m" / "model")
     trained = stages.TrainedArch(arch="resnet18", run_id=run_id, model_dir=model_dir, history=[])
+    spy = LoadSpy(monkeypatch)
     candidate = stages.evaluate_architecture(
         trained, cache, EvalConfig(measure_efficiency=False, bootstrap_resamples=100,
                                    subgroup_min_images=3), home)
+    # One way through the evaluation: the weights and the card are read once, the card is
+    # written once, at the end (the ONNX exports and the int8 comparison reuse the loaded
+    # network and the card in memory).
+    assert spy.weights == [str(model_dir / "weights.safetensors")]
+    assert (spy.card_reads, spy.card_writes) == (1, 1)
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert "isic2018_test_balanced_accuracy" in metrics and "test_balanced_accuracy" in metrics
     assert candidate.test_metrics["balanced_accuracy"] == pytest.approx(
@@ -93,7 +105,7 @@ def test_a_manifest_is_logged_as_a_local_dataset_without_a_guess(tmp_path, home)
 def test_select_best_takes_the_highest_score_and_the_first_listed_on_a_tie(tmp_path):
     """The fan-out test's "the parent registered the best" check says nothing when both
     children score the same; here the choice is checked with hand-made candidates."""
-    from skinsense.evaluation import EvalResult
+    from skinsense.evaluation.evaluate import EvalResult
 
     def candidate(arch: str, score: float, other: float) -> stages.Candidate:
         metrics = {"balanced_accuracy": score, "macro_f1": other}

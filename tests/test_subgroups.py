@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from skinsense import subgroups
-from skinsense.bootstrap import LesionBootstrap
+import skinsense.evaluation.subgroups as audit
+from skinsense.evaluation.bootstrap import LesionBootstrap
 from skinsense.labels import CODE_TO_INDEX
 from skinsense.trust.referral import is_malignant
 
@@ -38,13 +38,13 @@ def predictions(metadata):
 @pytest.fixture(scope="module")
 def table(metadata, predictions):
     y_true, y_pred, referred = predictions
-    return subgroups.subgroup_metrics(metadata, y_true, y_pred, referred, min_images=MIN_IMAGES,
+    return audit.subgroup_metrics(metadata, y_true, y_pred, referred, min_images=MIN_IMAGES,
                                       n_resamples=200, seed=0)
 
 
 def test_age_bands():
     ages = pd.Series([0, 25, 29.9, 30, 44, 45, 59, 60, 74, 75, 85, None, "n/a"])
-    assert list(subgroups.age_band(ages)) == [
+    assert list(audit.age_band(ages)) == [
         "<30", "<30", "<30", "30-44", "30-44", "45-59", "45-59", "60-74", "60-74", "75+",
         "75+", "unknown", "unknown"]
 
@@ -70,7 +70,7 @@ def test_the_groups_and_counts_are_those_of_the_metadata(metadata, table):
     assert len([g for a, g in counts if a == "localization"]) == 15
     assert {g for a, g in counts if a == "dx_type"} == {"histo", "follow_up", "consensus",
                                                          "confocal"}
-    assert [g for a, g in counts if a == "age_band"] == list(subgroups.AGE_BANDS)
+    assert [g for a, g in counts if a == "age_band"] == list(audit.AGE_BANDS)
 
 
 def test_small_groups_are_listed_with_their_count_and_no_figure(table):
@@ -101,20 +101,20 @@ def test_each_figure_is_computed_on_its_group(metadata, predictions, table):
 
 
 def test_gaps_are_best_minus_worst_over_groups_with_a_figure(table):
-    gaps = subgroups.gaps(table)
+    gaps = audit.gaps(table)
     localization = table[(table["attribute"] == "localization")
                          & (table["metric"] == "balanced_accuracy") & table["value"].notna()]
     entry = gaps["balanced_accuracy"]["localization"]
     assert entry["gap"] == pytest.approx(localization["value"].max() - localization["value"].min())
     assert entry["groups"] == len(localization) < 15  # small sites have no figure
-    metrics = subgroups.gap_metrics(table)
+    metrics = audit.gap_metrics(table)
     assert metrics["gap_balanced_accuracy_sex"] == pytest.approx(
         gaps["balanced_accuracy"]["sex"]["gap"])
     assert "gap_referral_sensitivity_dx_type" not in metrics  # only histo has malignant images
 
 
 def test_the_files_and_the_markdown(table, tmp_path):
-    csv_path, md_path = subgroups.write(table, tmp_path / "subgroups")
+    csv_path, md_path = audit.write(table, tmp_path / "subgroups")
     assert csv_path.name == "subgroup_metrics.csv" and md_path.name == "subgroup_metrics.md"
     pd.testing.assert_frame_equal(pd.read_csv(csv_path, keep_default_na=False,
                                               na_values=[""]), table, check_dtype=False)
@@ -165,7 +165,7 @@ def test_bootstrap_metrics_equal_weighting_every_image_by_its_lesion(predictions
 def test_a_manifest_without_the_metadata_is_refused(metadata, predictions):
     y_true, y_pred, referred = predictions
     with pytest.raises(ValueError, match="localization"):
-        subgroups.subgroup_metrics(metadata.drop(columns="localization"), y_true, y_pred,
+        audit.subgroup_metrics(metadata.drop(columns="localization"), y_true, y_pred,
                                    referred)
     with pytest.raises(ValueError, match="same images"):
-        subgroups.subgroup_metrics(metadata.iloc[:10], y_true, y_pred, referred)
+        audit.subgroup_metrics(metadata.iloc[:10], y_true, y_pred, referred)

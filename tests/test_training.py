@@ -16,9 +16,9 @@ from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from skinsense.config import TrainConfig
-from skinsense.evaluation import evaluate_model_dir
+from skinsense.evaluation.evaluate import evaluate_model_dir
+from skinsense.lifecycle.packaging import load_card
 from skinsense.models import IMAGENET_MEAN, IMAGENET_STD
-from skinsense.packaging import load_card
 from skinsense.presets import make_preset
 from skinsense.training.batches import BatchedCacheLoader
 from skinsense.training.launcher import RESULT_FILE, TrainingFailed, train_in_subprocess
@@ -278,7 +278,7 @@ def test_ddp_on_two_cpu_processes_validates_the_model_it_saves(cached_sample, tm
 
 def _assert_saved_model_scores_its_best_epoch(result, cache) -> None:
     """The saved model folder, loaded afresh, gives the best epoch's validation figures."""
-    from skinsense.evaluation import predict_probabilities
+    from skinsense.evaluation.predict import predict_probabilities
 
     best = result.history[result.best_epoch - 1]
     probabilities = predict_probabilities(result.model_dir, cache.val, batch_size=16)

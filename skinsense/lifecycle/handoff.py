@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from skinsense.config import PipelineConfig
 from skinsense.data.records import CachedSplit, ImageCache
-from skinsense.evaluation import EvalResult
+from skinsense.evaluation.evaluate import EvalResult
 from skinsense.paths import Home
 
 HANDOFF_FILE = "handoff.json"

@@ -33,8 +33,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from skinsense.export import check_onnx_agrees, export_onnx
-from skinsense.packaging import ModelCard, load_card
+from skinsense.lifecycle.export import check_onnx_agrees, export_onnx
+from skinsense.lifecycle.packaging import ModelCard, load_card
 from skinsense.serving.pyfunc import MODEL_DIR_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def register_candidate(model_dir: Path, *, run_id: str, model_name: str,
         The new model version.
 
     Raises:
-        skinsense.export.OnnxMismatchError: the ONNX export does not agree with PyTorch.
+        skinsense.lifecycle.export.OnnxMismatchError: the ONNX export does not agree with PyTorch.
     """
     card = load_card(model_dir)
     export_onnx(model_dir)

@@ -3,25 +3,31 @@
 Confirmed cases come from clinics, not from HAM10000's curated test part, so they show how a
 model does in the field. A case the model trained on (its image id is in the model's training
 manifest, as with `data.extra_sources: [feedback]`) is left out. Intervals resample whole
-lesions (`skinsense.bootstrap.LesionBootstrap`); with fewer than `min_cases` cases only the
+lesions (`skinsense.evaluation.bootstrap.LesionBootstrap`); with fewer than `min_cases` cases only the
 count is reported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from skinsense.bootstrap import LesionBootstrap, percentile_interval
+from skinsense.evaluation.bootstrap import LesionBootstrap, percentile_interval
 from skinsense.labels import CLASS_CODES
 from skinsense.monitoring.reference import MALIGNANT
+
+if TYPE_CHECKING:
+    from skinsense.serving.predictor import Predictor
 
 
 def field_metrics(model_dir: Path, cases: pd.DataFrame, *, trained_image_ids: set[str],
                   min_cases: int, n_resamples: int = 1000, seed: int = 0,
-                  batch_size: int = 64) -> dict[str, float]:
+                  batch_size: int = 64,
+                  predictor: Callable[[], Predictor] | None = None) -> dict[str, float]:
     """Accuracy, balanced accuracy and referral sensitivity on confirmed cases.
 
     Args:
@@ -30,21 +36,23 @@ def field_metrics(model_dir: Path, cases: pd.DataFrame, *, trained_image_ids: se
         trained_image_ids: image ids of the model's training part (left out here).
         min_cases: fewer unseen cases than this give only `field_n`.
         n_resamples, seed: the lesion bootstrap.
+        predictor: makes the predictor when there are enough cases (the evaluate stage
+            passes the model it has loaded); None loads the folder as the app does.
 
     Returns:
         `field_n`, and with enough cases `field_accuracy`, `field_balanced_accuracy`,
         `field_referral_sensitivity` (when there are malignant cases and a referral rule),
         each with `_ci_low` / `_ci_high`.
     """
-    from skinsense.trust.referral import referral_scores
     from skinsense.serving.predictor import Predictor
+    from skinsense.trust.referral import referral_scores
 
     unseen = cases[~cases["image_id"].isin(trained_image_ids)]
     unseen = unseen[[Path(p).is_file() for p in unseen["image_path"]]]
     out: dict[str, float] = {"field_n": float(len(unseen))}
     if len(unseen) < min_cases:
         return out
-    predictor = Predictor.from_model_dir(Path(model_dir))
+    predictor = predictor() if predictor is not None else Predictor.from_model_dir(Path(model_dir))
     paths = unseen["image_path"].tolist()
     probabilities = np.concatenate([predictor.predict_proba(paths[i:i + batch_size])
                                     for i in range(0, len(paths), batch_size)])
@@ -74,7 +82,8 @@ def field_metrics(model_dir: Path, cases: pd.DataFrame, *, trained_image_ids: se
 
 
 def field_figures(model_dir: Path, train_manifest_csv: Path | None, *, home: Path,
-                  min_cases: int, n_resamples: int, seed: int) -> dict[str, float]:
+                  min_cases: int, n_resamples: int, seed: int,
+                  predictor: Callable[[], Predictor] | None = None) -> dict[str, float]:
     """`field_metrics` on every confirmed case with a kept image, or {} when there is none
     (or the monitoring database cannot be read: the evaluation does not depend on it)."""
     import logging
@@ -94,4 +103,4 @@ def field_figures(model_dir: Path, train_manifest_csv: Path | None, *, home: Pat
                if train_manifest_csv is not None and Path(train_manifest_csv).is_file()
                else set())
     return field_metrics(model_dir, cases, trained_image_ids=trained, min_cases=min_cases,
-                         n_resamples=n_resamples, seed=seed)
+                         n_resamples=n_resamples, seed=seed, predictor=predictor)

@@ -58,7 +58,7 @@ def champion_reference(cfg: MonitorConfig, home: Home) -> tuple[str, dict, str |
         RuntimeError: there is no champion, or it was evaluated before monitoring existed.
     """
     from skinsense.lifecycle import registry
-    from skinsense.packaging import load_card
+    from skinsense.lifecycle.packaging import load_card
 
     version = registry.current_champion(cfg.model_name)
     if version is None:
@@ -86,7 +86,7 @@ def run_monitor(cfg: MonitorConfig, home: Home, *, end: datetime | None = None
     """
     import mlflow
 
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
     from skinsense.monitoring import plots
 
     tracking.configure(home)

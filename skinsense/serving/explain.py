@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.labels import CLASS_CODES
+from skinsense.lifecycle.packaging import ModelCard, load_model_dir
 from skinsense.models import cam_target_layer, cam_target_layer_path, head_name
-from skinsense.packaging import ModelCard, load_model_dir
 from skinsense.serving.predictor import GateResult, Predictor, open_image
+from skinsense.trust.calibration import calibrated_probabilities
 
 if TYPE_CHECKING:
     from skinsense.trust.quality import QualityIssue

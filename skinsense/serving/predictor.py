@@ -6,7 +6,7 @@ what the model was evaluated on.
 
 Two backends compute the same logits and penultimate features in one forward pass: ONNX
 Runtime, used when the model folder holds a `model.onnx` exported from its current weights
-(see `skinsense.export`), and PyTorch otherwise. ONNX Runtime runs `model.int8.onnx` instead
+(see `skinsense.lifecycle.export`), and PyTorch otherwise. ONNX Runtime runs `model.int8.onnx` instead
 when the evaluation found it agrees with fp32 (`skinsense.quantize.serving_precision`;
 `precision` and `precision_note` say which and why), and serves concurrent requests without
 a lock (`skinsense.serving.runtime.OnnxRunner`). For both, the logits become probabilities
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from skinsense.trust.calibration import calibrated_probabilities
 from skinsense.data.cache import resize_square
-from skinsense.export import (
+from skinsense.labels import CLASS_CODES
+from skinsense.lifecycle.export import (
     FEATURES_NAME,
     INPUT_NAME,
     ONNX_FILE,
@@ -45,15 +45,20 @@ from skinsense.export import (
     onnx_has_features,
     weights_sha256,
 )
-from skinsense.trust.gate import ABSENT, GATE_FILE, GateDamagedError, OodGate, load_gate
-from skinsense.labels import CLASS_CODES
+from skinsense.lifecycle.packaging import (
+    WEIGHTS_FILE,
+    ModelCard,
+    load_card,
+    load_model_dir,
+)
 from skinsense.models import LogitsAndFeatures
-from skinsense.packaging import WEIGHTS_FILE, ModelCard, load_card, load_model_dir
 from skinsense.presets import make_preset
-from skinsense.trust.quality import MEASURE_SIDE, QualityIssue, check_quality
 from skinsense.quantize import INT8_FILE, Precision, serving_precision
-from skinsense.trust.referral import Referral, referral_decision
 from skinsense.serving.runtime import OnnxRunner
+from skinsense.trust.calibration import calibrated_probabilities
+from skinsense.trust.gate import ABSENT, GATE_FILE, GateDamagedError, OodGate, load_gate
+from skinsense.trust.quality import MEASURE_SIDE, QualityIssue, check_quality
+from skinsense.trust.referral import Referral, referral_decision
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,7 @@ def open_image(data: bytes | str | Path | Image.Image | np.ndarray, *,
 
 
 GateStatus = Literal["on", "off", "absent", "unusable", "damaged"]
-# The card's `ood_gate.status` of a gate that cannot judge (`skinsense.evaluation.judge_gate`).
+# The card's `ood_gate.status` of a gate that cannot judge (`skinsense.evaluation.ood.judge_gate`).
 UNUSABLE = "unusable"
 
 

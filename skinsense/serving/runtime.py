@@ -11,7 +11,7 @@ its caller's thread). No lock serializes requests. The app admits at most `concu
 model requests at once (Gradio's `concurrency_limit`), so at most `threads` threads compute
 at a time, plus the wide run's while the first concurrent run starts.
 
-Both numbers come from the cores this process may use (`skinsense.export.cpu_threads`, the
+Both numbers come from the cores this process may use (`skinsense.lifecycle.export.cpu_threads`, the
 affinity mask, which containers narrow) unless `ServeConfig.model_threads` and
 `ServeConfig.concurrency_limit` set them.
 """
@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from skinsense.export import cpu_threads, onnx_session
+from skinsense.lifecycle.export import cpu_threads, onnx_session
 
 
 def serving_threads(model_threads: int | None = None) -> int:

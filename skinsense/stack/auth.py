@@ -25,7 +25,6 @@ import base64
 import os
 import secrets
 import shlex
-import socket
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field

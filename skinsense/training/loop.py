@@ -5,7 +5,7 @@ uint8 image cache (`BatchedCacheLoader`) and are augmented on the device by the 
 checkpoint per epoch holds model, optimizer, scheduler, early-stopping state and history; a
 killed run resumes from it and ends as an uninterrupted one would. The best weights (by
 validation balanced accuracy) are restored at the end and written as a model folder (see
-`skinsense.packaging`).
+`skinsense.lifecycle.packaging`).
 
 With `devices > 1` this module runs inside processes started by torchrun
 (`skinsense.training.launcher`); `fit` refuses to start DDP processes itself, because
@@ -32,8 +32,8 @@ from skinsense.config import TrainConfig
 from skinsense.data.datasets import CachedImageDataset
 from skinsense.data.records import CachedSplit, ImageCache
 from skinsense.labels import NUM_CLASSES
+from skinsense.lifecycle.packaging import ModelCard, save_model_dir
 from skinsense.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from skinsense.packaging import ModelCard, save_model_dir
 from skinsense.presets import make_preset
 from skinsense.training.batches import BatchedCacheLoader, to_device_ahead
 

@@ -21,7 +21,7 @@ from skinsense.training.loop import EpochCallback, fit
 
 
 def _mlflow_logger(run_id: str) -> EpochCallback:
-    from skinsense import tracking
+    from skinsense.lifecycle import tracking
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(run_id, metrics, step=epoch)

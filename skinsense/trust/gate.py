@@ -154,7 +154,7 @@ def fit_gate(features: np.ndarray, labels: np.ndarray, *, weights_sha256: str = 
     Args:
         features: (N, D) penultimate features of the training images.
         labels: (N,) their class indices (`CLASS_CODES` order).
-        weights_sha256: the weights the features came from (`skinsense.export.weights_sha256`),
+        weights_sha256: the weights the features came from (`skinsense.lifecycle.export.weights_sha256`),
             recorded so that a gate never outlives them.
 
     Raises:

@@ -29,7 +29,7 @@ import numpy as np
 from skinsense.labels import CLASS_CODES, MALIGNANT_CODES
 
 if TYPE_CHECKING:
-    from skinsense.packaging import ModelCard
+    from skinsense.lifecycle.packaging import ModelCard
 
 # In CLASS_CODES order: akiec, bcc, mel.
 REFERRAL_CODES: tuple[str, ...] = tuple(c for c in CLASS_CODES if c in MALIGNANT_CODES)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skinsense.lifecycle.packaging import WEIGHTS_FILE, ModelCard, load_model_dir
 from skinsense.models import LogitsAndFeatures
-from skinsense.packaging import WEIGHTS_FILE, load_model_dir
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "image", "logits", "features"
@@ -48,12 +48,15 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(model_dir: Path, out_path: Path | None = None) -> Path:
+def export_onnx(model_dir: Path, out_path: Path | None = None, *,
+                model: torch.nn.Module | None = None, card: ModelCard | None = None) -> Path:
     """Export a model folder's network to ONNX and check the file with `onnx.checker`.
 
     Args:
         model_dir: a model folder (weights.safetensors + model_card.json).
         out_path: where to write; default `model_dir / "model.onnx"`.
+        model, card: the folder's network (on the CPU) and card when the caller has loaded
+            them already (the evaluate stage); None reads them from the folder.
 
     Returns:
         The path of the written ONNX file (input `image`: float32 (batch, 3, S, S),
@@ -66,7 +69,8 @@ def export_onnx(model_dir: Path, out_path: Path | None = None) -> Path:
     import onnx
 
     model_dir = Path(model_dir)
-    model, card = load_model_dir(model_dir)
+    if model is None or card is None:
+        model, card = load_model_dir(model_dir)
     out_path = Path(out_path) if out_path is not None else model_dir / ONNX_FILE
     size = card.image_size
     # A batch of 2 in the example: torch.export specializes a dimension whose example is 1.

@@ -150,7 +150,7 @@ def plot_model_comparison(rows: Sequence[Mapping[str, Any]], out_path: Path, *,
 
     Args:
         rows: one dict per architecture with `arch` and any of `balanced_accuracy`,
-            `macro_f1`, `weights_mb`, `cpu_latency_ms` (as `evaluation.comparison_row`);
+            `macro_f1`, `weights_mb`, `cpu_latency_ms` (as `evaluation.compare.comparison_row`);
             a missing value draws no bar.
         out_path: the PNG to write (its folder is created).
         title: the figure title.

@@ -63,7 +63,7 @@ class ModelCard(BaseModel):
         "specificity (with 95% lesion-bootstrap intervals), counts, referral rate, ROC AUC.")
     subgroups: dict[str, Any] = Field(
         default_factory=dict, description="The subgroup audit: largest gap per metric and "
-        "attribute (skinsense.subgroups), and how it was computed.")
+        "attribute (skinsense.evaluation.subgroups), and how it was computed.")
     # Set by the evaluation stage with ood_gate.safetensors; None: no gate (an older model).
     ood_threshold: float | None = Field(
         None, description="The out-of-domain gate refuses an image whose smallest Mahalanobis "

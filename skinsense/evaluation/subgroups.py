@@ -4,7 +4,7 @@ For each attribute of the HAM10000 metadata that describes the patient or how th
 was made (`sex`, age band, `localization`, `dx_type`), the test images are grouped by
 fairlearn's `MetricFrame`, and each group gets balanced accuracy, referral sensitivity and
 referral specificity, each with the number of images it is computed on and a 95% bootstrap
-interval that resamples whole lesions (`skinsense.bootstrap`). A figure computed on
+interval that resamples whole lesions (`skinsense.evaluation.bootstrap`). A figure computed on
 fewer than `min_images` test images is listed with its count and no value: a balanced
 accuracy on a dozen images, or a sensitivity on four cancers, says more about chance than
 about the model. (The count of a referral sensitivity is the group's malignant images, so a
@@ -37,7 +37,7 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from skinsense.bootstrap import NO_FIGURE, Estimate, LesionBootstrap, percentile_interval
+from skinsense.evaluation.bootstrap import NO_FIGURE, Estimate, LesionBootstrap, percentile_interval
 from skinsense.trust.referral import is_malignant
 
 ATTRIBUTES: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type")
