@@ -44,7 +44,7 @@ class NearDuplicateConfig(_Strict):
     # so a colour shift cancels). Those copies score >= 0.972; distinct synthetic lesions of
     # one patient (same sex and site) reach 0.96-0.98 when they are plain look-alike naevi.
     min_similarity: float = Field(
-        0.965, gt=0, le=1, description="Smallest thumbnail similarity that confirms a pair.")
+        0.955, gt=0, le=1, description="Smallest thumbnail similarity that confirms a pair.")
     # Re-encoded or resized copies score >= 0.985 (no geometric or colour change); a
     # pair of different sex, body site or age (5+ years apart) must be that close.
     min_similarity_other_patient: float = Field(

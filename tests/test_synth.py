@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skinsense.data import synth
+from skinsense.data import synth, synth_painter
 from skinsense.data.records import METADATA_COLUMNS
 from skinsense.labels import CLASS_CODES
 
@@ -131,10 +131,10 @@ def test_a_small_cnn_learns_the_class_at_32px() -> None:
     for label, code in enumerate(CLASS_CODES):
         for lesion in range(12):
             for photo in range(2):
-                job = synth._ImageJob("x.jpg", code, lesion_key=label * 100 + lesion,
+                job = synth_painter.ImageJob("x.jpg", code, lesion_key=label * 100 + lesion,
                                       image_key=label * 1000 + lesion * 10 + photo, seed=0,
                                       width=64, height=48)
-                thumb = synth._render_image(job).resize((32, 32), Image.BILINEAR)
+                thumb = synth_painter.render_image(job).resize((32, 32), Image.BILINEAR)
                 images.append(np.asarray(thumb))
                 labels.append(label)
                 lesions.append(lesion)
