@@ -158,7 +158,7 @@ def render_image(job: ImageJob) -> Image.Image:
     surroundings = _Surroundings.draw(np.random.default_rng([job.seed, 5, job.lesion_key]))
 
     # --- how this photo frames it
-    cx, cy = photo.uniform(-0.25, 0.25, 2) * np.array([w / min(h, w) * 0.6, 0.6])
+    cx, cy = photo.uniform(-0.25, 0.25, 2) * np.array([w / min(h, w) * 0.9, 0.9])
     theta = photo.uniform(0, 2 * np.pi)
     scale = photo.uniform(0.85, 1.15)
     light_dir = photo.uniform(0, 2 * np.pi)
@@ -240,7 +240,7 @@ class _Surroundings:
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> _Surroundings:
-        return cls(_waves(rng, (1.5, 4.0)), float(rng.uniform(0.10, 0.20)),
+        return cls(_waves(rng, (1.5, 4.0)), float(rng.uniform(0.15, 0.30)),
                    rng.uniform(0.5, 1.0, 3).astype(np.float32), _waves(rng, (2.0, 5.0)),
                    float(rng.uniform(0.15, 0.35)))
 
