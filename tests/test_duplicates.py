@@ -178,7 +178,7 @@ def test_real_images_alone_give_no_pair_and_their_copies_are_found(tmp_path):
     pairs = pd.read_csv(found.near_duplicates.pairs_csv, dtype=str)
     expected = {frozenset((name, name.split("-")[0])) for name in copies}
     found_pairs = _pair_set(pairs, "image_id_a", "image_id_b")
-    assert expected <= found_pairs
+    assert expected <= found_pairs, sorted(map(sorted, expected - found_pairs))
     # The only other pairs are copies of one image with each other; never two real lesions.
     for pair in found_pairs - expected:
         assert len({name.split("-")[0] for name in pair}) == 1, pair

@@ -199,7 +199,8 @@ def find_pairs(
     coarse, coarse_b = coarse_projection(vectors), coarse_projection(vectors_b)
     summary, summary_b = _invariant(coarse), _invariant(coarse_b)
     norms_b = (summary_b * summary_b).sum(axis=1)
-    radius = 2 * (1 - min_similarity) + 1e-4   # slack for float32 rounding
+    # (the bound lets through the pairs `_confirm` compares again under small rotations)
+    radius = 2 * (1 - (min_similarity - _ROTATION_BAND)) + 1e-4   # slack for float32 rounding
     found = []
     columns = np.arange(len(hashes_b))
     for start in range(0, len(hashes), _BLOCK_ROWS):
@@ -217,7 +218,8 @@ def find_pairs(
         i, j = np.nonzero(candidate)
         if len(i):
             found.append(_confirm(i + start, j, hashes, hashes_b, coarse, coarse_b, vectors,
-                                  vectors_b, max_hamming=max_hamming, radius=radius))
+                                  vectors_b, max_hamming=max_hamming, radius=radius,
+                                  min_similarity=min_similarity))
     i, j, distance, similarity = (np.concatenate(parts) for parts in zip(*found, strict=True)) \
         if found else (np.zeros(0, np.int64),) * 3 + (np.zeros(0, np.float32),)
     needed = np.full(len(i), min_similarity, np.float32)
@@ -233,12 +235,14 @@ def find_pairs(
 
 
 def _confirm(i, j, hashes, hashes_b, coarse, coarse_b, vectors, vectors_b, *,
-             max_hamming: int, radius: float):
+             max_hamming: int, radius: float, min_similarity: float):
     """For candidate pairs (i, j): (i, j, hamming, similarity) under the variant of j with
     the best similarity among those within `max_hamming` bits and the coarse bound
-    (similarity -1 where none is)."""
+    (similarity -1 where none is). A pair just short of `min_similarity` is compared once
+    more with its variant turned by a few degrees either way (`_ROTATIONS`)."""
     best = np.full(len(i), -1.0, np.float32)
     best_distance = np.zeros(len(i), np.int64)
+    best_variant = np.zeros(len(i), np.int64)
     for k in range(N_VARIANTS):
         distance = np.bitwise_count(hashes[i, 0] ^ hashes_b[j, k]).astype(np.int64)
         turned = _dihedral_dct(coarse_b[j], k).reshape(len(j), -1)
@@ -251,7 +255,57 @@ def _confirm(i, j, hashes, hashes_b, coarse, coarse_b, vectors, vectors_b, *,
         better = similarity > best[check]
         best[check[better]] = similarity[better]
         best_distance[check[better]] = distance[check[better]]
+        best_variant[check[better]] = k
+    near = np.nonzero((best >= min_similarity - _ROTATION_BAND) & (best < min_similarity))[0]
+    for k in np.unique(best_variant[near]):
+        pairs = near[best_variant[near] == k]
+        b = vectors_b[j[pairs]][:, _variant_order(int(k))]
+        for angle in _ROTATIONS:
+            for aspect in _ASPECTS:
+                turned = _rotated(b, angle, aspect)
+                best[pairs] = np.maximum(best[pairs],
+                                         np.einsum("nd,nd->n", vectors[i[pairs]], turned))
     return i, j, best_distance, best
+
+
+# A copy rotated by up to 5 degrees loses up to about 0.04 of thumbnail similarity; a pair
+# that close to the bound is also compared with its second image turned by these angles.
+_ROTATION_BAND = 0.04
+_ROTATIONS = (-5.0, -2.5, 2.5, 5.0)
+# The thumbnail squashes the frame to a square, so a photo's turn is a turn of a stretched
+# picture: width/height of a landscape HAM10000 photo (600x450) and of a portrait one.
+_ASPECTS = (4 / 3, 3 / 4)
+
+
+def _rotated(vectors: np.ndarray, angle: float, aspect: float) -> np.ndarray:
+    """Unit similarity vectors of the thumbnails of photos of `aspect` (width/height) turned
+    by `angle` degrees about their centre (bilinear, edges clamped), re-centred per channel
+    and scaled to unit length."""
+    index, weight = _rotation_taps(angle, aspect)
+    images = vectors.reshape(len(vectors), THUMB_SIDE * THUMB_SIDE, 3)
+    turned = np.einsum("npkc,pk->npc", images[:, index, :], weight)
+    turned -= turned.mean(axis=1, keepdims=True)
+    flat = turned.reshape(len(vectors), -1)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-6)
+
+
+@functools.cache
+def _rotation_taps(angle: float, aspect: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each thumbnail pixel, the 4 source pixels and bilinear weights of a turn of the
+    photo (of width/height `aspect`) that the thumbnail squashes to a square."""
+    centre = (THUMB_SIDE - 1) / 2
+    y, x = np.mgrid[0:THUMB_SIDE, 0:THUMB_SIDE].astype(np.float64) - centre
+    t = np.deg2rad(angle)
+    x = x * aspect   # to the photo's proportions, turn, and back
+    sx = np.clip((np.cos(t) * x - np.sin(t) * y) / aspect + centre, 0, THUMB_SIDE - 1)
+    sy = np.clip(np.sin(t) * x + np.cos(t) * y + centre, 0, THUMB_SIDE - 1)
+    x0 = np.minimum(np.floor(sx).astype(int), THUMB_SIDE - 2)
+    y0 = np.minimum(np.floor(sy).astype(int), THUMB_SIDE - 2)
+    fx, fy = sx - x0, sy - y0
+    index = np.stack([y0 * THUMB_SIDE + x0, y0 * THUMB_SIDE + x0 + 1,
+                      (y0 + 1) * THUMB_SIDE + x0, (y0 + 1) * THUMB_SIDE + x0 + 1], axis=-1)
+    weight = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=-1)
+    return index.reshape(-1, 4), weight.reshape(-1, 4).astype(np.float32)
 
 
 @functools.cache
