@@ -38,9 +38,10 @@ class NearDuplicateConfig(_Strict):
     # Measured on 200 synthetic copies (half of them mirrored or quarter-turned, then rotated
     # 0.5-5 degrees, re-encoded, resized 0.6-1.5x, cropped 1-3%, colour-shifted 8%;
     # synth_copies.COPY_BOUNDS): at most 10 of 64 bits apart under the best of the 8
-    # mirror/turn variants.
+    # mirror/turn variants. With 8 variants a looser bound lets most pairs of synthetic
+    # lesions through (half of them are within 20 bits) and the search costs 3x more.
     max_hamming: int = Field(
-        20, ge=0, le=32, description="Largest perceptual-hash (pHash, 64 bits) distance of a "
+        14, ge=0, le=32, description="Largest perceptual-hash (pHash, 64 bits) distance of a "
         "candidate pair.")
     # The second opinion: cosine of the colour thumbnails (16x16, each channel standardised,
     # so a colour shift cancels) under the same variant. Those copies score >= 0.964 (one of

@@ -198,6 +198,10 @@ def find_pairs(
     # pair that would be confirmed is left out.
     coarse, coarse_b = coarse_projection(vectors), coarse_projection(vectors_b)
     summary, summary_b = _invariant(coarse), _invariant(coarse_b)
+    # (N, 48) of the first set, variant 0; (N, 8, 48) of every variant of the second
+    coarse_b = np.stack([_dihedral_dct(coarse_b, k).reshape(len(coarse_b), -1)
+                         for k in range(N_VARIANTS)], axis=1)
+    coarse = coarse.reshape(len(coarse), -1)
     norms_b = (summary_b * summary_b).sum(axis=1)
     # (the bound lets through the pairs `_confirm` compares again under small rotations)
     radius = 2 * (1 - (min_similarity - _ROTATION_BAND)) + 1e-4   # slack for float32 rounding
@@ -245,9 +249,9 @@ def _confirm(i, j, hashes, hashes_b, coarse, coarse_b, vectors, vectors_b, *,
     best_variant = np.zeros(len(i), np.int64)
     for k in range(N_VARIANTS):
         distance = np.bitwise_count(hashes[i, 0] ^ hashes_b[j, k]).astype(np.int64)
-        turned = _dihedral_dct(coarse_b[j], k).reshape(len(j), -1)
-        gap = ((coarse[i].reshape(len(i), -1) - turned) ** 2).sum(axis=1)
-        check = np.nonzero((distance <= max_hamming) & (gap <= radius))[0]
+        check = np.nonzero(distance <= max_hamming)[0]
+        gap = ((coarse[i[check]] - coarse_b[j[check], k]) ** 2).sum(axis=1)
+        check = check[gap <= radius]
         if not len(check):
             continue
         similarity = np.einsum("nd,nd->n", vectors[i[check]],
