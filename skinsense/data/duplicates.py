@@ -6,18 +6,22 @@ slightly cropped or re-coloured copies. A pair on both sides of the split inflat
 test figure. This module finds such pairs and turns them into split groups:
 
 1. A signature per image, taken from the decode the validate stage already does (a JPEG
-   draft at about 1/8 scale): a 64-bit perceptual hash (`imagehash.phash`) and a 16x16
-   colour thumbnail, both of the central part of the frame (`central_fraction`), where a
-   small rotation's black corners and a crop's lost rim do not reach.
+   draft at about 1/8 scale): 64-bit perceptual hashes (`imagehash.phash`) of the central
+   part of the frame (`central_fraction`, where a small rotation's black corners and a
+   crop's lost rim do not reach) and of its 7 mirror images and quarter turns (`dihedral`;
+   dermatoscopic photos are often filed mirrored), and a 16x16 colour thumbnail of it.
 2. Candidates: every pair of images of different lesions whose hashes differ in at most
-   `max_hamming` bits. The search is exhaustive but bounded and vectorised (XOR and
-   popcount over blocks of rows), about 0.5 s for the 50 million pairs of 10,015 images.
-3. A second opinion confirms a candidate: the cosine of the two thumbnails, each colour
-   channel standardised (so a colour shift or brightness change cancels), at least
-   `min_similarity`. This removes most hash collisions between lesions that merely look
-   alike at 8x8 DCT coefficients. One photograph filed twice keeps its patient's sex, body
-   site and (within a few years) age; a pair whose known sex, site or age disagree needs the
-   stricter
+   `max_hamming` bits under some variant of the second image. The search is exhaustive but
+   bounded and vectorised (XOR and popcount over blocks of rows, then an exact coarse bound
+   on the thumbnails that no variant changes), a few seconds for the 50 million pairs of
+   10,015 images.
+3. A second opinion confirms a candidate: the cosine of the two thumbnails under that
+   variant, each colour channel standardised (so a colour shift or brightness change
+   cancels), at least `min_similarity`; a pair just short of it is compared again with the
+   second thumbnail turned by 2.5 and 5 degrees either way. This removes hash collisions
+   between lesions that merely look alike at 8x8 DCT coefficients. One photograph filed
+   twice keeps its patient's sex, body site and (within a few years) age; a pair whose
+   known sex, site or age disagree needs the stricter
    `min_similarity_other_patient` (a near-exact copy is still found, a look-alike of
    another patient is not).
 4. The lesions linked by confirmed pairs form connected components (`scipy.sparse.csgraph`);
