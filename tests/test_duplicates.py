@@ -277,7 +277,7 @@ def test_a_mirrored_or_turned_picture_is_matched_under_its_variant_only(k):
 def test_signature_variants_are_the_hashes_of_the_mirrored_and_turned_photo(method):
     """The 8 hashes of a photo include (within a bit or two of resampling) imagehash's pHash
     of the photo mirrored or turned by PIL, and the thumbnail matches under that variant."""
-    image = Image.open(sorted(REAL.glob("*.jpg"))[0]).convert("RGB")
+    image = Image.open(min(REAL.glob("*.jpg"))).convert("RGB")
     hashes, thumb = duplicates.signature(image, 0.9)
     turned_hashes, turned_thumb = duplicates.signature(image.transpose(method), 0.9)
     distances = [int(np.bitwise_count(turned_hashes[0] ^ h)) for h in hashes]

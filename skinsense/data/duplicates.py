@@ -230,6 +230,13 @@ def find_pairs(
                                   min_similarity=min_similarity))
     i, j, distance, similarity = (np.concatenate(parts) for parts in zip(*found, strict=True)) \
         if found else (np.zeros(0, np.int64),) * 3 + (np.zeros(0, np.float32),)
+    keep = similarity >= _needed(i, j, patients, min_similarity, min_similarity_other_patient)
+    return i[keep], j[keep], distance[keep], similarity[keep]
+
+
+def _needed(i, j, patients, min_similarity: float, other_patient: float) -> np.ndarray:
+    """The similarity each pair (i, j) needs: `other_patient` where the known patient
+    metadata disagree (see `find_pairs`), `min_similarity` elsewhere."""
     needed = np.full(len(i), min_similarity, np.float32)
     if patients is not None and len(i):
         (codes_a, ages_a), (codes_b, ages_b) = patients
@@ -237,9 +244,8 @@ def find_pairs(
         differ = ((a != b) & (a >= 0) & (b >= 0)).any(axis=1)
         with np.errstate(invalid="ignore"):
             differ |= np.abs(ages_a[i] - ages_b[j]) > AGE_TOLERANCE   # NaN: unknown
-        needed[differ] = max(min_similarity, min_similarity_other_patient)
-    keep = similarity >= needed
-    return i[keep], j[keep], distance[keep], similarity[keep]
+        needed[differ] = max(min_similarity, other_patient)
+    return needed
 
 
 def _confirm(i, j, hashes, hashes_b, coarse, coarse_b, vectors, vectors_b, *,

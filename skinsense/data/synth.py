@@ -30,8 +30,8 @@ from skinsense.data.records import METADATA_COLUMNS
 from skinsense.data.synth_copies import (
     COPY_BOUNDS,
     PLANTED_NEAR_DUPLICATES_CSV,
-    altered_copy,
     alterations_of,
+    altered_copy,
     near_duplicate_copy,
     plant_near_duplicates,
     planted_table,
