@@ -153,7 +153,7 @@ def test_a_small_cnn_learns_the_class_at_32px() -> None:
                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 7),
             )
             optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-            for _ in range(60):
+            for _ in range(120):
                 loss = torch.nn.functional.cross_entropy(net(x[train]), y[train])
                 optimizer.zero_grad()
                 loss.backward()
@@ -162,7 +162,9 @@ def test_a_small_cnn_learns_the_class_at_32px() -> None:
                 accuracy = (net(x[test]).argmax(1) == y[test]).float().mean().item()
     finally:
         torch.set_num_threads(threads)
-    assert accuracy > 0.4   # chance is 1/7; about 0.8 when this was written
+    # Chance is 1/7; about 0.8 when this was written (60 steps, before each lesion had its
+    # own uneven skin, which the net takes more steps to learn to ignore).
+    assert accuracy > 0.4
 
 
 @pytest.mark.parametrize(

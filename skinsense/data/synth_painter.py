@@ -155,10 +155,11 @@ def render_image(job: ImageJob) -> Image.Image:
     skin = np.clip(_SKIN_TONES[lesion.integers(len(_SKIN_TONES))]
                    * lesion.uniform(0.95, 1.05, 3), 0, 1)
     lobes = lesion.uniform(-0.5, 0.5, (5, 2)).astype(np.float32)
-    surroundings = _Surroundings.draw(np.random.default_rng([job.seed, 5, job.lesion_key]))
+    # A stream of its own (added later), so the draws above keep their values.
+    skin_blotches = _Skin.draw(np.random.default_rng([job.seed, 5, job.lesion_key]))
 
     # --- how this photo frames it
-    cx, cy = photo.uniform(-0.25, 0.25, 2) * np.array([w / min(h, w) * 0.9, 0.9])
+    cx, cy = photo.uniform(-0.25, 0.25, 2) * np.array([w / min(h, w) * 0.6, 0.6])
     theta = photo.uniform(0, 2 * np.pi)
     scale = photo.uniform(0.85, 1.15)
     light_dir = photo.uniform(0, 2 * np.pi)
@@ -177,7 +178,7 @@ def render_image(job: ImageJob) -> Image.Image:
     lesion_rgb = _pattern(style.pattern, u, v, rr, color, color2, freq, pattern_phase,
                           lobes, photo)
     # float32 throughout: a float64 colour would silently promote every image-sized array.
-    skin_rgb, lesion_rgb = surroundings.apply(skin.astype(np.float32), lesion_rgb, xr, yr, u, v)
+    skin_rgb = skin_blotches.apply(skin.astype(np.float32), xr, yr)
     rgb = skin_rgb * (1 - alpha) + lesion_rgb * alpha
 
     # Light falls off across the field and towards the dermatoscope's rim.
@@ -224,33 +225,26 @@ def _full_size(rgb: np.ndarray, job: ImageJob, factor: int,
 
 
 @dataclass(frozen=True)
-class _Surroundings:
-    """What makes one lesion unlike every other of its class, whatever its class: the
-    patient's uneven skin around it (blotches a few lesion widths across) and the uneven
-    pigment within it. Both are drawn once per lesion, in the lesion's frame, so every photo
-    of the lesion shows the same; without them many naevi were plain brown ellipses that
-    two distinct lesions could share, which a near-duplicate check cannot tell from a copy.
+class _Skin:
+    """The patient's uneven skin around one lesion: lighter and darker blotches a few lesion
+    widths across, drawn once per lesion in the lesion's frame, so every photo of the lesion
+    shows the same skin. Without it many naevi were plain brown ellipses on the same even
+    background, and two distinct lesions could be as alike as a photo and its mirrored,
+    slightly turned copy, which no near-duplicate check can tell apart. It changes the
+    brightness only, not the hue, and leaves the lesion alone: the class stays as visible.
     """
 
-    skin_waves: np.ndarray       # (3, 4): frequency x, frequency y, phase, unused
-    skin_amplitude: float        # relative change of the skin's tone
-    skin_tint: np.ndarray        # (3,) how much each colour channel follows it
-    pigment_waves: np.ndarray
-    pigment_amplitude: float
+    waves: np.ndarray     # (3, 4): frequency x, frequency y, phase, unused
+    amplitude: float      # relative change of the skin's brightness
 
     @classmethod
-    def draw(cls, rng: np.random.Generator) -> _Surroundings:
-        return cls(_waves(rng, (1.5, 4.0)), float(rng.uniform(0.15, 0.30)),
-                   rng.uniform(0.5, 1.0, 3).astype(np.float32), _waves(rng, (2.0, 5.0)),
-                   float(rng.uniform(0.15, 0.35)))
+    def draw(cls, rng: np.random.Generator) -> _Skin:
+        return cls(_waves(rng, (1.5, 4.0)), float(rng.uniform(0.15, 0.30)))
 
-    def apply(self, skin: np.ndarray, lesion_rgb: np.ndarray, xr: np.ndarray, yr: np.ndarray,
-              u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(skin (h, w, 3), lesion colour (h, w, 3)) with the blotches and the pigment."""
-        skin_field = _field(self.skin_waves, xr, yr) * np.float32(self.skin_amplitude)
-        pigment = 1 + _field(self.pigment_waves, u, v) * np.float32(self.pigment_amplitude)
-        return (skin * (1 + skin_field[..., None] * self.skin_tint),
-                lesion_rgb * pigment[..., None])
+    def apply(self, skin: np.ndarray, xr: np.ndarray, yr: np.ndarray) -> np.ndarray:
+        """The skin colour `(3,)` at each pixel `(h, w, 3)` of the lesion's frame (xr, yr)."""
+        field = _field(self.waves, xr, yr) * np.float32(self.amplitude)
+        return skin * (1 + field[..., None])
 
 
 def _waves(rng: np.random.Generator, frequency: tuple[float, float]) -> np.ndarray:
