@@ -286,3 +286,14 @@ def test_signature_variants_are_the_hashes_of_the_mirrored_and_turned_photo(meth
     vectors = duplicates.similarity_vectors(np.stack([duplicates.dihedral(thumb, k),
                                                       turned_thumb]))
     assert float(vectors[0] @ vectors[1]) > 0.99
+
+
+@pytest.mark.slow
+def test_the_readme_demo_sample_has_no_near_duplicate(tmp_path):
+    """`./run synth --images 1000 --seed 0` (the README demo's sample): no planted copy, and
+    no two of its distinct lesions matched, so the demo's output shows a count of 0."""
+    out = make_synthetic_ham10000(tmp_path, n_images=1000, seed=0, workers=2)
+    validated = validate(_extract(out), out_dir=tmp_path / "validated", max_bad_fraction=0,
+                         workers=2, near_duplicates=NearDuplicateConfig())
+    assert validated.near_duplicates.n_pairs == 0
+    assert validated.near_duplicates.n_lesions_merged == 0
