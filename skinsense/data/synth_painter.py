@@ -3,7 +3,8 @@
 The class is visible in each photo (a small CNN learns it above chance even at 32 px): a
 skin-tone background with noise and a dermatoscope vignette, and an elliptical lesion whose
 colour, size, border and pattern depend on the class. The lesion's own look (shape, colours,
-pattern phase, the patient's skin tone) is drawn once per lesion and shared by all its
+pattern phase, the patient's skin tone and its uneven blotches) is drawn once per lesion and
+shared by all its
 images; each image adds its own framing (position, rotation, scale) and lighting, as photos
 of the same lesion would. Every photo has its own random streams, keyed by the seed and the
 lesion's and image's numbers, so the same job always gives the same pixels.
