@@ -29,6 +29,7 @@ def modules_after_import(*statements: str) -> list[set[str]]:
 STANDALONE_MODULES = [
     "skinsense.data.sources", "skinsense.data.metadata", "skinsense.data.split",
     "skinsense.data.oversample", "skinsense.data.cache", "skinsense.data.synth",
+    "skinsense.data.synth_metadata", "skinsense.data.synth_painter", "skinsense.data.synth_copies",
     "skinsense.data.duplicates",
     "skinsense.data.datasets", "skinsense.training.loop", "skinsense.training.launcher",
     "skinsense.training.worker", "skinsense.training.batches", "skinsense.models",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skinsense.data import synth
+from skinsense.data import synth, synth_painter
 from skinsense.data.records import METADATA_COLUMNS
 from skinsense.labels import CLASS_CODES
 
@@ -131,10 +131,10 @@ def test_a_small_cnn_learns_the_class_at_32px() -> None:
     for label, code in enumerate(CLASS_CODES):
         for lesion in range(12):
             for photo in range(2):
-                job = synth._ImageJob("x.jpg", code, lesion_key=label * 100 + lesion,
+                job = synth_painter.ImageJob("x.jpg", code, lesion_key=label * 100 + lesion,
                                       image_key=label * 1000 + lesion * 10 + photo, seed=0,
                                       width=64, height=48)
-                thumb = synth._render_image(job).resize((32, 32), Image.BILINEAR)
+                thumb = synth_painter.render_image(job).resize((32, 32), Image.BILINEAR)
                 images.append(np.asarray(thumb))
                 labels.append(label)
                 lesions.append(lesion)
@@ -153,7 +153,7 @@ def test_a_small_cnn_learns_the_class_at_32px() -> None:
                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 7),
             )
             optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-            for _ in range(60):
+            for _ in range(120):
                 loss = torch.nn.functional.cross_entropy(net(x[train]), y[train])
                 optimizer.zero_grad()
                 loss.backward()
@@ -162,7 +162,9 @@ def test_a_small_cnn_learns_the_class_at_32px() -> None:
                 accuracy = (net(x[test]).argmax(1) == y[test]).float().mean().item()
     finally:
         torch.set_num_threads(threads)
-    assert accuracy > 0.4   # chance is 1/7; about 0.8 when this was written
+    # Chance is 1/7; about 0.8 when this was written (60 steps, before each lesion had its
+    # own uneven skin, which the net takes more steps to learn to ignore).
+    assert accuracy > 0.4
 
 
 @pytest.mark.parametrize(

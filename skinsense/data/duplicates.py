@@ -6,18 +6,22 @@ slightly cropped or re-coloured copies. A pair on both sides of the split inflat
 test figure. This module finds such pairs and turns them into split groups:
 
 1. A signature per image, taken from the decode the validate stage already does (a JPEG
-   draft at about 1/8 scale): a 64-bit perceptual hash (`imagehash.phash`) and a 16x16
-   colour thumbnail, both of the central part of the frame (`central_fraction`), where a
-   small rotation's black corners and a crop's lost rim do not reach.
+   draft at about 1/8 scale): 64-bit perceptual hashes (`imagehash.phash`) of the central
+   part of the frame (`central_fraction`, where a small rotation's black corners and a
+   crop's lost rim do not reach) and of its 7 mirror images and quarter turns (`dihedral`;
+   dermatoscopic photos are often filed mirrored), and a 16x16 colour thumbnail of it.
 2. Candidates: every pair of images of different lesions whose hashes differ in at most
-   `max_hamming` bits. The search is exhaustive but bounded and vectorised (XOR and
-   popcount over blocks of rows), about 0.5 s for the 50 million pairs of 10,015 images.
-3. A second opinion confirms a candidate: the cosine of the two thumbnails, each colour
-   channel standardised (so a colour shift or brightness change cancels), at least
-   `min_similarity`. This removes most hash collisions between lesions that merely look
-   alike at 8x8 DCT coefficients. One photograph filed twice keeps its patient's sex, body
-   site and (within a few years) age; a pair whose known sex, site or age disagree needs the
-   stricter
+   `max_hamming` bits under some variant of the second image. The search is exhaustive but
+   bounded and vectorised (XOR and popcount over blocks of rows, then an exact coarse bound
+   on the thumbnails that no variant changes), a few seconds for the 50 million pairs of
+   10,015 images.
+3. A second opinion confirms a candidate: the cosine of the two thumbnails under that
+   variant, each colour channel standardised (so a colour shift or brightness change
+   cancels), at least `min_similarity`; a pair just short of it is compared again with the
+   second thumbnail turned by 2.5 and 5 degrees either way. This removes hash collisions
+   between lesions that merely look alike at 8x8 DCT coefficients. One photograph filed
+   twice keeps its patient's sex, body site and (within a few years) age; a pair whose
+   known sex, site or age disagree needs the stricter
    `min_similarity_other_patient` (a near-exact copy is still found, a look-alike of
    another patient is not).
 4. The lesions linked by confirmed pairs form connected components (`scipy.sparse.csgraph`);
@@ -28,6 +32,7 @@ The settings are part of the data fingerprint: other settings, other groups, ano
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -52,8 +57,12 @@ if TYPE_CHECKING:  # decoding workers import this module; pandas would add 0.25 
 log = logging.getLogger(__name__)
 
 # Bump when signatures are computed differently (it is part of the data fingerprint).
-SIGNATURE_VERSION = 1
+SIGNATURE_VERSION = 2
 THUMB_SIDE = 16
+# Every mirror image and quarter turn of a picture (`dihedral`).
+N_VARIANTS = 8
+# The side of the grey square pHash looks at (imagehash's 8 x its highfreq_factor 4).
+_HASH_INPUT = 32
 PAIRS_CSV = "near_duplicate_pairs.csv"
 ISIC_PAIRS_CSV = "isic_test_near_duplicates.csv"
 SIGNATURES_NPZ = "near_duplicate_signatures.npz"
@@ -77,15 +86,39 @@ def draft_request(width: int, height: int) -> tuple[int, int]:
     return max(1, width // 8, min(width, 64)), max(1, height // 8, min(height, 48))
 
 
-def signature(image: Image.Image, central_fraction: float) -> tuple[np.uint64, np.ndarray]:
-    """The perceptual hash and the colour thumbnail of one decoded image.
+def dihedral(array: np.ndarray, k: int) -> np.ndarray:
+    """Variant `k` (0..7) of a square picture under the dihedral group: `k & 4` transposes
+    it, then it is turned by `k & 3` quarter turns (every mirror image and quarter turn)."""
+    return _dihedral(array, k, lambda a: np.swapaxes(a, 0, 1), lambda a: a[::-1])
+
+
+def _dihedral(array, k, swap, flip):
+    # A quarter turn is a transposition then a flip of the first axis (np.rot90).
+    if k & 4:
+        array = swap(array)
+    for _ in range(k & 3):
+        array = flip(swap(array))
+    return array
+
+
+def _dihedral_dct(coefficients: np.ndarray, k: int) -> np.ndarray:
+    """`dihedral` on the 2D DCT-II coefficients of a picture (axes 1 and 2): a transposition
+    swaps them, a flip of an axis multiplies coefficient u of it by (-1)^u."""
+    signs = np.where(np.arange(coefficients.shape[1]) % 2, -1, 1).astype(coefficients.dtype)
+    return _dihedral(coefficients, k, lambda c: np.swapaxes(c, 1, 2),
+                     lambda c: c * signs[None, :, None, None])
+
+
+def signature(image: Image.Image, central_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The perceptual hashes and the colour thumbnail of one decoded image.
 
     Args:
         image: The decoded image (any size; a JPEG draft is enough).
         central_fraction: Share of each side, centred, that both look at.
 
     Returns:
-        (64-bit pHash as an unsigned integer, `(16, 16, 3)` uint8 thumbnail).
+        (`(8,)` uint64: the 64-bit pHash of each `dihedral` variant of the centre, squashed
+        to a square; `(16, 16, 3)` uint8 thumbnail of the same, variant 0).
     """
     import imagehash  # only the validate stage's workers need it
 
@@ -96,11 +129,18 @@ def signature(image: Image.Image, central_fraction: float) -> tuple[np.uint64, n
            max(round(width * margin) + 1, round(width * (1 - margin))),
            max(round(height * margin) + 1, round(height * (1 - margin))))
     centre = rgb.crop(box)
-    bits = imagehash.phash(centre).hash.reshape(-1)
-    value = np.packbits(bits).view(">u8")[0].astype(np.uint64)
+    # The square grey picture pHash takes (imagehash resizes to 32x32 with LANCZOS), so that
+    # each variant is that picture mirrored or turned, and hashed by the library.
+    grey = np.asarray(centre.convert("L").resize((_HASH_INPUT, _HASH_INPUT),
+                                                 Image.Resampling.LANCZOS))
+    hashes = np.empty(N_VARIANTS, np.uint64)
+    for k in range(N_VARIANTS):
+        variant = Image.fromarray(np.ascontiguousarray(dihedral(grey, k)))
+        bits = imagehash.phash(variant).hash.reshape(-1)
+        hashes[k] = np.packbits(bits).view(">u8")[0]
     thumb = np.asarray(centre.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR,
                                      reducing_gap=None), dtype=np.uint8)
-    return value, thumb
+    return hashes, thumb
 
 
 def similarity_vectors(thumbs: np.ndarray) -> np.ndarray:
@@ -129,9 +169,13 @@ def find_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Confirmed near-duplicate pairs within one set of images, or between two.
 
+    A pair is confirmed under one `dihedral` variant of its second image (the same picture
+    mirrored or turned): the hashes under that variant differ in at most `max_hamming` bits
+    and the thumbnails under it are at least the needed similarity. The best variant counts.
+
     Args:
-        hashes: `(N,)` uint64 perceptual hashes.
-        vectors: `(N, D)` unit vectors (`similarity_vectors`).
+        hashes: `(N, 8)` uint64 perceptual hashes of each image's variants (`signature`).
+        vectors: `(N, D)` unit vectors (`similarity_vectors`) of the thumbnails, variant 0.
         groups: `(N,)` integer codes; images with the same code (one lesion) are never
             paired within one set.
         max_hamming: Largest hash distance of a candidate.
@@ -146,60 +190,173 @@ def find_pairs(
 
     Returns:
         (i, j, hamming, similarity) arrays, i indexing the first set and j the second (or
-        the first, with i < j), sorted by (i, j).
+        the first, with i < j), sorted by (i, j); hamming and similarity of the best variant.
     """
     within = other is None
     hashes_b, vectors_b, groups_b = (hashes, vectors, groups) if within else other
-    # A cheap, exact bound before the full similarity: for unit vectors, cosine >= s means
-    # |a - b|^2 <= 2 (1 - s), and an orthonormal projection never lengthens a - b.
+    hashes, hashes_b = (np.asarray(h, np.uint64).reshape(-1, N_VARIANTS)
+                        for h in (hashes, hashes_b))
+    # Cheap, exact bounds before the full similarity: for unit vectors, cosine >= s means
+    # |a - b|^2 <= 2 (1 - s); an orthonormal projection (the lowest DCT coefficients) never
+    # lengthens a - b, nor does the variant-invariant summary of it (`_invariant`), so no
+    # pair that would be confirmed is left out.
     coarse, coarse_b = coarse_projection(vectors), coarse_projection(vectors_b)
-    norms_b = (coarse_b * coarse_b).sum(axis=1)
-    radius = 2 * (1 - min_similarity) + 1e-4   # slack for float32 rounding
-    found_i, found_j, found_d, found_s = [], [], [], []
+    summary, summary_b = _invariant(coarse), _invariant(coarse_b)
+    # (N, 48) of the first set, variant 0; (N, 8, 48) of every variant of the second
+    coarse_b = np.stack([_dihedral_dct(coarse_b, k).reshape(len(coarse_b), -1)
+                         for k in range(N_VARIANTS)], axis=1)
+    coarse = coarse.reshape(len(coarse), -1)
+    norms_b = (summary_b * summary_b).sum(axis=1)
+    # (the bound lets through the pairs `_confirm` compares again under small rotations)
+    radius = 2 * (1 - (min_similarity - _ROTATION_BAND)) + 1e-4   # slack for float32 rounding
+    found = []
     columns = np.arange(len(hashes_b))
     for start in range(0, len(hashes), _BLOCK_ROWS):
         rows = slice(start, start + _BLOCK_ROWS)
-        distance = np.bitwise_count(hashes[rows, None] ^ hashes_b[None, :])
+        distance = np.bitwise_count(hashes[rows, 0, None] ^ hashes_b[None, :, 0])
+        for k in range(1, N_VARIANTS):
+            np.minimum(distance, np.bitwise_count(hashes[rows, 0, None] ^ hashes_b[None, :, k]),
+                       out=distance)
         candidate = (distance <= max_hamming) & (groups[rows, None] != groups_b[None, :])
         if within:
             candidate &= columns[None, :] > np.arange(start, start + len(distance))[:, None]
-        block = coarse[rows]
-        apart = (block * block).sum(axis=1)[:, None] + norms_b[None, :] - 2 * block @ coarse_b.T
+        block = summary[rows]
+        apart = (block * block).sum(axis=1)[:, None] + norms_b[None, :] - 2 * block @ summary_b.T
         candidate &= apart <= radius
         i, j = np.nonzero(candidate)
-        if not len(i):
+        if len(i):
+            found.append(_confirm(i + start, j, hashes, hashes_b, coarse, coarse_b, vectors,
+                                  vectors_b, max_hamming=max_hamming, radius=radius,
+                                  min_similarity=min_similarity))
+    i, j, distance, similarity = (np.concatenate(parts) for parts in zip(*found, strict=True)) \
+        if found else (np.zeros(0, np.int64),) * 3 + (np.zeros(0, np.float32),)
+    keep = similarity >= _needed(i, j, patients, min_similarity, min_similarity_other_patient)
+    return i[keep], j[keep], distance[keep], similarity[keep]
+
+
+def _needed(i, j, patients, min_similarity: float, other_patient: float) -> np.ndarray:
+    """The similarity each pair (i, j) needs: `other_patient` where the known patient
+    metadata disagree (see `find_pairs`), `min_similarity` elsewhere."""
+    needed = np.full(len(i), min_similarity, np.float32)
+    if patients is not None and len(i):
+        (codes_a, ages_a), (codes_b, ages_b) = patients
+        a, b = codes_a[i], codes_b[j]
+        differ = ((a != b) & (a >= 0) & (b >= 0)).any(axis=1)
+        with np.errstate(invalid="ignore"):
+            differ |= np.abs(ages_a[i] - ages_b[j]) > AGE_TOLERANCE   # NaN: unknown
+        needed[differ] = max(min_similarity, other_patient)
+    return needed
+
+
+def _confirm(i, j, hashes, hashes_b, coarse, coarse_b, vectors, vectors_b, *,
+             max_hamming: int, radius: float, min_similarity: float):
+    """For candidate pairs (i, j): (i, j, hamming, similarity) under the variant of j with
+    the best similarity among those within `max_hamming` bits and the coarse bound
+    (similarity -1 where none is). A pair just short of `min_similarity` is compared once
+    more with its variant turned by a few degrees either way (`_ROTATIONS`)."""
+    best = np.full(len(i), -1.0, np.float32)
+    best_distance = np.zeros(len(i), np.int64)
+    best_variant = np.zeros(len(i), np.int64)
+    for k in range(N_VARIANTS):
+        distance = np.bitwise_count(hashes[i, 0] ^ hashes_b[j, k]).astype(np.int64)
+        check = np.nonzero(distance <= max_hamming)[0]
+        gap = ((coarse[i[check]] - coarse_b[j[check], k]) ** 2).sum(axis=1)
+        check = check[gap <= radius]
+        if not len(check):
             continue
-        i = i + start
-        similarity = np.einsum("nd,nd->n", vectors[i], vectors_b[j])
-        needed = np.full(len(i), min_similarity, np.float32)
-        if patients is not None:
-            (codes_a, ages_a), (codes_b, ages_b) = patients
-            a, b = codes_a[i], codes_b[j]
-            differ = ((a != b) & (a >= 0) & (b >= 0)).any(axis=1)
-            with np.errstate(invalid="ignore"):
-                differ |= np.abs(ages_a[i] - ages_b[j]) > AGE_TOLERANCE   # NaN: unknown
-            needed[differ] = max(min_similarity, min_similarity_other_patient)
-        keep = similarity >= needed
-        found_i.append(i[keep])
-        found_j.append(j[keep])
-        found_d.append(distance[i[keep] - start, j[keep]].astype(np.int64))
-        found_s.append(similarity[keep])
-    if not found_i:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty, np.zeros(0, np.float32)
-    return (np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d),
-            np.concatenate(found_s))
+        similarity = np.einsum("nd,nd->n", vectors[i[check]],
+                               vectors_b[j[check]][:, _variant_order(k)])
+        better = similarity > best[check]
+        best[check[better]] = similarity[better]
+        best_distance[check[better]] = distance[check[better]]
+        best_variant[check[better]] = k
+    near = np.nonzero((best >= min_similarity - _ROTATION_BAND) & (best < min_similarity))[0]
+    for k in np.unique(best_variant[near]):
+        pairs = near[best_variant[near] == k]
+        b = vectors_b[j[pairs]][:, _variant_order(int(k))]
+        for angle in _ROTATIONS:
+            for aspect in _ASPECTS:
+                turned = _rotated(b, angle, aspect)
+                similarity = np.einsum("nd,nd->n", vectors[i[pairs]], turned)
+                best[pairs] = np.maximum(best[pairs], similarity - _ROTATION_PENALTY)
+    return i, j, best_distance, best
+
+
+# A copy rotated by up to 5 degrees loses up to about 0.04 of thumbnail similarity; a pair
+# that close to the bound is also compared with its second image turned by these angles.
+_ROTATION_BAND = 0.04
+_ROTATIONS = (-5.0, -2.5, 2.5, 5.0)
+# A turned comparison is 8 more chances for two look-alike lesions to pass: it counts with
+# this much taken off (a copy turned back scores well above the bound; measured 2026-12-04).
+_ROTATION_PENALTY = 0.005
+# The thumbnail squashes the frame to a square, so a photo's turn is a turn of a stretched
+# picture: width/height of a landscape HAM10000 photo (600x450) and of a portrait one.
+_ASPECTS = (4 / 3, 3 / 4)
+
+
+def _rotated(vectors: np.ndarray, angle: float, aspect: float) -> np.ndarray:
+    """Unit similarity vectors of the thumbnails of photos of `aspect` (width/height) turned
+    by `angle` degrees about their centre (bilinear, edges clamped), re-centred per channel
+    and scaled to unit length."""
+    index, weight = _rotation_taps(angle, aspect)
+    images = vectors.reshape(len(vectors), THUMB_SIDE * THUMB_SIDE, 3)
+    turned = np.einsum("npkc,pk->npc", images[:, index, :], weight)
+    turned -= turned.mean(axis=1, keepdims=True)
+    flat = turned.reshape(len(vectors), -1)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-6)
+
+
+@functools.cache
+def _rotation_taps(angle: float, aspect: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each thumbnail pixel, the 4 source pixels and bilinear weights of a turn of the
+    photo (of width/height `aspect`) that the thumbnail squashes to a square."""
+    centre = (THUMB_SIDE - 1) / 2
+    y, x = np.mgrid[0:THUMB_SIDE, 0:THUMB_SIDE].astype(np.float64) - centre
+    t = np.deg2rad(angle)
+    x = x * aspect   # to the photo's proportions, turn, and back
+    sx = np.clip((np.cos(t) * x - np.sin(t) * y) / aspect + centre, 0, THUMB_SIDE - 1)
+    sy = np.clip(np.sin(t) * x + np.cos(t) * y + centre, 0, THUMB_SIDE - 1)
+    x0 = np.minimum(np.floor(sx).astype(int), THUMB_SIDE - 2)
+    y0 = np.minimum(np.floor(sy).astype(int), THUMB_SIDE - 2)
+    fx, fy = sx - x0, sy - y0
+    index = np.stack([y0 * THUMB_SIDE + x0, y0 * THUMB_SIDE + x0 + 1,
+                      (y0 + 1) * THUMB_SIDE + x0, (y0 + 1) * THUMB_SIDE + x0 + 1], axis=-1)
+    weight = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=-1)
+    return index.reshape(-1, 4), weight.reshape(-1, 4).astype(np.float32)
+
+
+@functools.cache
+def _variant_order(k: int) -> np.ndarray:
+    """Indices that turn a flattened `(16, 16, 3)` thumbnail into its variant `k`."""
+    order = np.arange(THUMB_SIDE * THUMB_SIDE * 3).reshape(THUMB_SIDE, THUMB_SIDE, 3)
+    return np.ascontiguousarray(dihedral(order, k)).reshape(-1)
 
 
 def coarse_projection(vectors: np.ndarray) -> np.ndarray:
-    """The lowest 4x4 2D DCT coefficients of each colour channel of the thumbnails, an
-    orthonormal projection of `similarity_vectors` (48 of 768 dimensions, most of the
-    energy of a smooth photo)."""
+    """The lowest 4x4 2D DCT coefficients of each colour channel of the thumbnails,
+    `(N, 4, 4, 3)`: an orthonormal projection of `similarity_vectors` (48 of 768
+    dimensions, most of the energy of a smooth photo)."""
     from scipy.fft import dctn
 
     images = vectors.reshape(len(vectors), THUMB_SIDE, THUMB_SIDE, 3)
     low = dctn(images, axes=(1, 2), norm="ortho")[:, :_COARSE_SIDE, :_COARSE_SIDE, :]
-    return np.ascontiguousarray(low.reshape(len(vectors), -1), dtype=np.float32)
+    return np.ascontiguousarray(low, dtype=np.float32)
+
+
+def _invariant(coarse: np.ndarray) -> np.ndarray:
+    """A summary of `(N, 4, 4, 3)` coefficients that no `dihedral` variant changes (flips
+    only change signs, a transposition swaps u and v): the absolute values, each pair
+    (u, v), (v, u) sorted. Both steps are 1-Lipschitz, so the distance of two summaries
+    is never more than that of the coefficients under any variant: an exact bound."""
+    size = coarse.shape[1]
+    upper = np.triu_indices(size, 1)
+    magnitude = np.abs(coarse)
+    first = magnitude[:, upper[0], upper[1]]
+    second = magnitude[:, upper[1], upper[0]]
+    diagonal = magnitude[:, np.arange(size), np.arange(size)]
+    summary = np.concatenate([np.maximum(first, second), np.minimum(first, second), diagonal],
+                             axis=1)
+    return np.ascontiguousarray(summary.reshape(len(coarse), -1), dtype=np.float32)
 
 
 def lesion_groups(lesion_ids: Sequence[str], pairs: pd.DataFrame) -> dict[str, str]:
@@ -232,7 +389,8 @@ def lesion_groups(lesion_ids: Sequence[str], pairs: pd.DataFrame) -> dict[str, s
 
 def settings_of(cfg: NearDuplicateConfig) -> dict:
     """The settings that decide the groups, as recorded and fingerprinted."""
-    return {"signature_version": SIGNATURE_VERSION, "hash": "imagehash.phash 64-bit",
+    return {"signature_version": SIGNATURE_VERSION,
+            "hash": f"imagehash.phash 64-bit, best of {N_VARIANTS} mirror/turn variants",
             "thumbnail": f"{THUMB_SIDE}x{THUMB_SIDE} RGB, channels standardised",
             **cfg.model_dump(mode="json")}
 
@@ -256,7 +414,7 @@ def check_near_duplicates(
     Args:
         manifest: The validated rows (lesion_id, image_id, dx, image_path), row i having
             signature i.
-        hashes: `(N,)` uint64 hashes (`signature`).
+        hashes: `(N, 8)` uint64 hashes of each image's variants (`signature`).
         thumbs: `(N, 16, 16, 3)` uint8 thumbnails.
         cfg: The check's settings.
         out_dir: Folder for the pairs CSV, the signatures and the preview PNG.
