@@ -7,7 +7,8 @@ that activations have a realistic scale; latency does not depend on the weights)
 one run, in two phases: the calls in the bench process (raw, ONNX Runtime alone, assess)
 before any app starts, then the requests with the apps running:
 
-- raw: the eager PyTorch forward of the same network, batch 1, fp32, on a ready tensor;
+- raw: the eager PyTorch forward of the same network, batch 1, fp32, on a ready tensor, in a
+  fresh process that loads only the model folder;
 - ONNX Runtime alone: `model.onnx` and `model.int8.onnx` (`skinsense.quantize.export_int8`,
   calibrated here on flipped and turned views of the real examples), batch 1, all cores;
 - assess fp32 / int8: `Predictor.assess` on the JPEG's bytes in the bench process, the
@@ -175,17 +176,44 @@ VARIANTS = {
 VARIANT_APPS = {"log-off": {"log_predictions": False}, "gate-off": {"gate": False}}
 
 
+# The raw eager forward, timed in a fresh interpreter that loads only the model folder. In
+# the bench process, beside its ONNX Runtime sessions and predictors, efficientnet_b3's
+# forward measured 107 ms against 34 ms alone (a run of 2026-12-04), which would flatter
+# every ratio against it.
+RAW_FORWARD = """
+import json, statistics, sys, time
+import torch
+from skinsense.lifecycle.packaging import load_model_dir
+model, _ = load_model_dir(sys.argv[1])
+size, n, warm_up = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+times = []
+with torch.inference_mode():
+    for i in range(n + warm_up):
+        start = time.perf_counter()
+        model(x)
+        if i >= warm_up:
+            times.append((time.perf_counter() - start) * 1000)
+print(json.dumps(times))
+"""
+
+
+def raw_forward_ms(model_dir: Path, size: int, n: int) -> list[float]:
+    """`n` eager PyTorch forwards, batch 1, fp32, in a fresh interpreter (RAW_FORWARD)."""
+    out = subprocess.run([sys.executable, "-c", RAW_FORWARD, str(model_dir), str(size), str(n),
+                          str(WARM_UP)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def forward_kinds(model_dir: Path, image: Path, size: int) -> dict:
-    """The calls measured before any app starts: the raw eager forward, both ONNX exports
-    alone and `Predictor.assess` in both precisions, all in this process."""
+    """The calls measured in this process before any app starts: both ONNX exports alone
+    and `Predictor.assess` in both precisions."""
     import numpy as np
 
     from skinsense.lifecycle.export import ONNX_FILE, onnx_session
-    from skinsense.lifecycle.packaging import load_model_dir
     from skinsense.quantize import INT8_FILE
     from skinsense.serving.predictor import Predictor
 
-    model, _ = load_model_dir(model_dir)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     feed = {"image": np.ascontiguousarray(x.numpy())}
     sessions = {name: onnx_session(model_dir / file)
@@ -193,12 +221,7 @@ def forward_kinds(model_dir: Path, image: Path, size: int) -> dict:
     predictors = {p: Predictor.from_model_dir(model_dir, precision=p) for p in ("fp32", "int8")}
     upload = image.read_bytes()
 
-    def raw() -> None:
-        with torch.inference_mode():
-            model(x)
-
     return {
-        "raw": raw,
         "onnx_fp32": lambda: sessions["onnx_fp32"].run(None, feed),
         "onnx_int8": lambda: sessions["onnx_int8"].run(None, feed),
         "assess_fp32": lambda: predictors["fp32"].assess(upload),
@@ -339,7 +362,8 @@ def bench_arch(arch: str, size: int, tmp: Path, args) -> dict:
     serve = {"fp32": {"precision": "fp32"}, "int8": {"precision": "int8"},
              **{v: {"precision": "fp32", **VARIANT_APPS[v]}
                 for v in args.variants if v in VARIANT_APPS}}
-    times = interleaved_ms(forward_kinds(model_dir, images[0], size), args.requests)
+    times = {"raw": raw_forward_ms(model_dir, size, args.requests)}
+    times |= interleaved_ms(forward_kinds(model_dir, images[0], size), args.requests)
     apps, urls, states = {}, {}, {}
     logs = {name: tmp / arch / f"app-{name}.log" for name in serve}
     try:
@@ -420,7 +444,7 @@ def arch_lines(arch: str, size: int, result: dict, *, others: float = 0.0) -> li
     p50 = {k: statistics.median(v) for k, v in times.items()}
     p95 = {k: percentile(v, 95) for k, v in times.items()}
     names = {
-        "raw": "raw eager PyTorch forward, batch 1, fp32, tensor ready (bench process)",
+        "raw": "raw eager PyTorch forward, batch 1, fp32, tensor ready (a fresh process)",
         "onnx_fp32": "ONNX Runtime fp32 export alone, batch 1 (bench process, all cores)",
         "onnx_int8": "ONNX Runtime int8 export alone, batch 1 (bench process, all cores)",
         "assess_fp32": "the server's work alone, fp32: `Predictor.assess` on the JPEG's bytes "
