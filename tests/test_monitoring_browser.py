@@ -29,6 +29,9 @@ def test_a_clinician_enters_a_confirmed_diagnosis_in_the_app(browser, home,  # n
         page.locator("#classify").click()
         page.locator("#details").get_by_text("Answered by").wait_for(timeout=30_000)
         page.get_by_text("Confirmed diagnosis (clinicians)").click()
+        # Nothing is preselected: an untouched form must not file a class or a patient.
+        for field in ("#feedback-dx", "#feedback-dx-type", "#feedback-sex", "#feedback-site"):
+            assert page.locator(f"{field} input").input_value() == "", field
         page.locator("#feedback-dx input").click()
         page.get_by_role("option", name="Melanoma (mel)").click()
         page.locator("#feedback-dx-type input").click()
@@ -40,7 +43,10 @@ def test_a_clinician_enters_a_confirmed_diagnosis_in_the_app(browser, home,  # n
         assert "kept for training" in page.inner_text("#feedback-status")
         page.screenshot(path=str(shots / "feedback-form.png"), full_page=True)
     with engine_for(f"sqlite:///{home.root / 'monitoring' / 'monitoring.db'}").connect() as c:
-        assert c.execute(sa.select(Feedback.dx, Feedback.dx_type)).all() == [("mel", "histo")]
+        # The optional fields left alone are stored as unknown, not as the first choice.
+        assert c.execute(sa.select(Feedback.dx, Feedback.dx_type, Feedback.age, Feedback.sex,
+                                   Feedback.localization)).all() == [
+            ("mel", "histo", None, None, None)]
 
 
 def test_the_monitoring_artifact_shows_its_table_and_plots_in_the_prefect_ui(

@@ -58,15 +58,21 @@ def build_feedback_form(image: gr.components.Component, cfg: ServeConfig, home: 
     with gr.Accordion("Confirmed diagnosis (clinicians)", open=False, elem_id="feedback"):
         gr.Markdown("Enter the diagnosis that was later confirmed for the image above. "
                     + ("A login is needed." if needs_login else ""))
+        # value=None everywhere: Gradio preselects a dropdown's first choice and a number's 0,
+        # which would file an untouched form as akiec, histo, male, abdomen.
         with gr.Row():
             dx = gr.Dropdown([(f"{BY_CODE[c].name} ({c})", c) for c in CLASS_CODES],
-                             label="Confirmed class", elem_id="feedback-dx")
-            dx_type = gr.Dropdown(list(DX_TYPES), label="Confirmed by",
+                             value=None, label="Confirmed class", elem_id="feedback-dx")
+            dx_type = gr.Dropdown(list(DX_TYPES), value=None, label="Confirmed by",
                                   elem_id="feedback-dx-type")
         with gr.Row():
-            age = gr.Number(label="Age (optional)", precision=0, minimum=0, maximum=120)
-            sex = gr.Dropdown(list(SEXES), label="Sex (optional)")
-            site = gr.Dropdown(list(LOCALIZATIONS), label="Body site (optional)")
+            # Gradio 6 shows an empty number as 0 (placeholder or not); 0 is stored as unknown.
+            age = gr.Number(value=None, label="Age (optional, 0 = unknown)", precision=0,
+                            minimum=0, maximum=120, elem_id="feedback-age")
+            sex = gr.Dropdown(list(SEXES), value=None, label="Sex (optional)",
+                              elem_id="feedback-sex")
+            site = gr.Dropdown(list(LOCALIZATIONS), value=None, label="Body site (optional)",
+                               elem_id="feedback-site")
         with gr.Row(visible=needs_login):
             username = gr.Textbox(label="User", elem_id="feedback-user")
             password = gr.Textbox(label="Password", type="password",
