@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -23,6 +24,28 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """`tmp_path_factory.mktemp` for one module's fixtures, removed when the module is done.
+
+    A full run writes about 20 GB of model folders and MLflow artifacts; kept to the end (as
+    `mktemp` alone keeps them) they filled CI's disk. With `tmp_path_retention_policy =
+    "failed"` for per-test folders, the run holds one module's folders at a time. A module
+    with a failed test keeps its folders to be looked at.
+    """
+    made = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

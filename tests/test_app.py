@@ -224,8 +224,8 @@ def non_dermatoscopic_photo(out: Path, name: str = "cat") -> Path:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Iterator[Store]:
-    with app_store(tmp_path_factory.mktemp("app-home")) as store:
+def store(module_tmp) -> Iterator[Store]:
+    with app_store(module_tmp("app-home")) as store:
         yield store
 
 
@@ -235,9 +235,9 @@ def template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(store, template, tmp_path_factory) -> Iterator[str]:
+def app(store, template, module_tmp) -> Iterator[str]:
     register_version(store, template)
-    log_path = tmp_path_factory.mktemp("app-log") / "app.log"
+    log_path = module_tmp("app-log") / "app.log"
     with running_app(CHAMPION_URI, log_path, env=store.env,
                      serve_config={"reload_interval_s": 0.5, "max_file_size_mb": 2}) as url:
         yield url

@@ -44,9 +44,9 @@ def _pair_set(frame: pd.DataFrame, a: str, b: str) -> set[frozenset]:
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted(module_tmp):
     """1,000 synthetic images of the real size plus 100 planted near-duplicates, validated."""
-    out = tmp_path_factory.mktemp("planted")
+    out = module_tmp("planted")
     make_synthetic_ham10000(out, n_images=N_IMAGES, seed=11, near_duplicates=N_PLANTED,
                             workers=2)
     validated = validate(_extract(out), out_dir=out / "validated", max_bad_fraction=0,

@@ -126,18 +126,18 @@ def test_bad_shapes_are_rejected():
 # -- a tiny model folder and cached part ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(module_tmp):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build_model("resnet18", image_size=SIZE)
     return save_model_dir(model, ModelCard(arch="resnet18", image_size=SIZE),
-                          tmp_path_factory.mktemp("model") / "model")
+                          module_tmp("model") / "model")
 
 
 @pytest.fixture(scope="module")
-def cached_part(tmp_path_factory) -> CachedSplit:
+def cached_part(module_tmp) -> CachedSplit:
     rng = np.random.default_rng(0)
-    out = tmp_path_factory.mktemp("cache")
+    out = module_tmp("cache")
     labels = np.array([MEL, NV, NV, AKIEC, MEL, BKL])
     n = len(labels)
     np.save(out / "images.npy", rng.integers(0, 256, size=(n, SIZE, SIZE, 3), dtype=np.uint8))

@@ -63,7 +63,7 @@ def toy_image(rng: np.random.Generator, *, centre: tuple[int, int] | None,
 
 
 @pytest.fixture(scope="module")
-def disc_model(tmp_path_factory):
+def disc_model(module_tmp):
     """resnet18 at 64 px trained to call a dark disc anywhere 'mel' and plain skin 'nv'."""
     rng = np.random.default_rng(0)
     images, labels = [], []
@@ -93,7 +93,7 @@ def disc_model(tmp_path_factory):
     with torch.inference_mode():
         accuracy = (model(preset(x)).argmax(1) == y).float().mean().item()
     assert accuracy > 0.95, f"the toy model did not learn the disc ({accuracy:.2f})"
-    return save_model_dir(model, card, tmp_path_factory.mktemp("disc") / "model")
+    return save_model_dir(model, card, module_tmp("disc") / "model")
 
 
 def png(image: Image.Image) -> bytes:

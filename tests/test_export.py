@@ -28,13 +28,13 @@ def calibrated_model(arch: str) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module", params=["resnet18", "efficientnet_b0"])
-def exported(request, tmp_path_factory):
+def exported(request, module_tmp):
     """(arch, model folder with model.onnx)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = calibrated_model(request.param)
     model_dir = save_model_dir(model, ModelCard(arch=request.param, image_size=SIZE),
-                               tmp_path_factory.mktemp(request.param))
+                               module_tmp(request.param))
     export_onnx(model_dir)
     return request.param, model_dir
 

@@ -215,7 +215,7 @@ def test_the_reference_images_are_bundled_and_load_without_a_network(monkeypatch
 
 
 @pytest.fixture(scope="module")
-def trained_with_gate(cached_sample, tmp_path_factory):
+def trained_with_gate(cached_sample, module_tmp):
     """resnet18 trained 4 epochs on the synthetic sample, calibrated with its gate, evaluated.
 
     Since each synthetic lesion has its own uneven skin (issue 22: distinct lesions must not
@@ -228,7 +228,7 @@ def trained_with_gate(cached_sample, tmp_path_factory):
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
-    out = tmp_path_factory.mktemp("gate-model")
+    out = module_tmp("gate-model")
     cfg = TrainConfig(archs=["resnet18"], epochs=4, batch_size=32, lr=2e-3, pretrained=False,
                       num_workers=0, seed=1, progress=False)
     model_dir = fit(cache, "resnet18", cfg, out_dir=out / "run",

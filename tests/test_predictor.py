@@ -17,7 +17,7 @@ from skinsense.serving.predictor import ImageRejected, Predictor
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
+def predictor(module_tmp):
     from random_models import calibrated_model
 
     # Batch-norm statistics from one batch: its answers depend on the image (a freshly
@@ -26,7 +26,7 @@ def predictor(tmp_path_factory):
         torch.manual_seed(0)
         model = calibrated_model("resnet18", 64)
     model_dir = save_model_dir(model, ModelCard(arch="resnet18", image_size=64),
-                               tmp_path_factory.mktemp("model"))
+                               module_tmp("model"))
     return Predictor.from_model_dir(model_dir)
 
 
@@ -151,7 +151,7 @@ def test_assess_many_runs_the_model_once_for_the_images_that_pass(predictor, mon
 
 
 @pytest.fixture(scope="module")
-def gated(tmp_path_factory):
+def gated(module_tmp):
     """A 32 px model folder with a gate fitted on views of the real examples, and its ONNX."""
     from example_gate import fit_example_gate
 
@@ -161,7 +161,7 @@ def gated(tmp_path_factory):
         torch.manual_seed(0)
         model = build_model("resnet18", image_size=32)
     model_dir = save_model_dir(model, ModelCard(arch="resnet18", image_size=32),
-                               tmp_path_factory.mktemp("gated") / "model")
+                               module_tmp("gated") / "model")
     export_onnx(model_dir)
     fit_example_gate(model_dir)
     return model_dir

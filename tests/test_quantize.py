@@ -176,7 +176,7 @@ def test_calibration_rows_are_a_seeded_subset():
 # -- a trained production model: the comparison, a forced bad int8, and serving ----------------
 
 @pytest.fixture(scope="module")
-def trained_int8(cached_sample, tmp_path_factory):
+def trained_int8(cached_sample, module_tmp):
     """efficientnet_b0 trained briefly at 32 px, calibrated with its gate, quantized on the
     validation part and compared with fp32 on the test part (speed no condition here: timings
     never decide a test)."""
@@ -185,7 +185,7 @@ def trained_int8(cached_sample, tmp_path_factory):
     from skinsense.training.loop import fit
 
     cache, oversampled = cached_sample
-    out = tmp_path_factory.mktemp("int8-model")
+    out = module_tmp("int8-model")
     cfg = TrainConfig(archs=["efficientnet_b0"], epochs=3, batch_size=32, lr=3e-3,
                       pretrained=False, num_workers=0, seed=1, progress=False)
     model_dir = fit(cache, "efficientnet_b0", cfg, out_dir=out / "run",

@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def local_stack(tmp_path_factory):
+def local_stack(module_tmp):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from skinsense import stack
 
-    root = tmp_path_factory.mktemp("fanout-home")
+    root = module_tmp("fanout-home")
     prefect_port, mlflow_port, app_port = free_ports(3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SKINSENSE_HOME", str(root))

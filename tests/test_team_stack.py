@@ -48,7 +48,7 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def team_stack(postgres, tmp_path_factory):
+def team_stack(postgres, module_tmp):
     """The stack on Postgres with logins on; an authenticated Prefect client on it."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
@@ -56,7 +56,7 @@ def team_stack(postgres, tmp_path_factory):
     from skinsense.paths import Home
     from skinsense.serving.deploy import stop_app
 
-    root = tmp_path_factory.mktemp("team-home")
+    root = module_tmp("team-home")
     prefect_port, mlflow_port, app_port = free_ports(3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SKINSENSE_HOME", str(root))
