@@ -58,6 +58,8 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
         _train_candidates(config, home, prepared, parent_run_id, candidates)
         training.compare(candidates, parent_run_id, home)
         reports.report_metrics(candidates, home)
+        champion_field = registry.champion_in_field(config, home, parent_run_id)
+        reports.report_field(candidates, champion_field)
         best = training.select_best(candidates, config.eval.metric)
         reports.report_subgroups(best)
         decision = registry.register_and_promote(best, prepared.caches, config, home, test_key,
@@ -69,7 +71,8 @@ def skinsense_pipeline(config: PipelineConfig = PipelineConfig(),  # noqa: B008
     reports.report_promotion(decision)
 
     result = {"best": best.arch, "version": decision.version, "promoted": decision.promoted,
-              "reason": decision.reason, "metrics": {c.arch: c.test_metrics for c in candidates}}
+              "reason": decision.reason, "metrics": {c.arch: c.test_metrics for c in candidates},
+              "champion_field": champion_field}
     if config.serve.deploy:
         champion = decision.version if decision.promoted else decision.champion_version
         deployment = registry.deploy(config.serve, home, champion)

@@ -118,6 +118,34 @@ def _interval(figures: dict, name: str) -> str:
     return f"{_fmt(figures.get(name))} [{_fmt(low)}, {_fmt(high)}]"
 
 
+FIELD_FIGURES = ("accuracy", "balanced_accuracy", "referral_sensitivity")
+
+
+def field_markdown(rows: list[dict]) -> str:
+    """The champion and the candidates on confirmed diagnoses each never trained on.
+
+    Args:
+        rows: {"model", "field_n", and with enough cases "field_<name>" with "_ci_low" and
+            "_ci_high"} per model (`stages.field_rows`).
+    """
+    lines = ["# On confirmed diagnoses", "",
+             "Each model on the cases a clinician confirmed (`skinsense feedback`) that it "
+             "never trained on, with 95% lesion-bootstrap intervals. These are clinic cases, "
+             "not HAM10000's curated test part; with few cases only the count is given.", "",
+             "| model | cases | " + " | ".join(n.replace("_", " ") for n in FIELD_FIGURES) + " |",
+             "|" + " --- |" * (len(FIELD_FIGURES) + 2)]
+    for row in rows:
+        cells = []
+        for name in FIELD_FIGURES:
+            value = row.get(f"field_{name}")
+            cells.append("n/a" if value is None else
+                         f"{value:.3f} [{row[f'field_{name}_ci_low']:.3f}, "
+                         f"{row[f'field_{name}_ci_high']:.3f}]")
+        lines.append(f"| {row['model']} | {int(row.get('field_n', 0))} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def promotion_markdown(decision: dict) -> str:
     """The champion/challenger decision in words."""
     verdict = "**promoted to champion**" if decision["promoted"] else "**not promoted**"

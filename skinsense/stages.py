@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -193,6 +194,7 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
 
     The model is loaded once and its card written once (`skinsense.evaluation.architecture`);
     the field figures and the int8 verdict join the card before it is written."""
+    from skinsense.data.extra_sources import feedback_ids_in
     from skinsense.evaluation.architecture import evaluate_architecture as evaluate
     from skinsense.lifecycle import tracking
     from skinsense.monitoring.field import field_figures
@@ -204,9 +206,10 @@ def evaluate_architecture(trained: TrainedArch, cache: ImageCache, cfg: EvalConf
     tracking.log_metrics(run_id, evaluation.calibration.metrics())
     # The confirmed diagnoses this model never trained on (docs/OPERATIONS.md), predicted
     # as the app does: the network on the CPU, the fitted card.
-    field = field_figures(loaded.model_dir, cache.train.manifest_csv, home=home.root,
-                          min_cases=cfg.field_min_cases, n_resamples=cfg.bootstrap_resamples,
-                          seed=cfg.bootstrap_seed, predictor=lambda: _served_predictor(loaded))
+    field = field_figures(loaded.model_dir, feedback_ids_in(cache.train.manifest_csv),
+                          home=home.root, min_cases=cfg.field_min_cases,
+                          n_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+                          predictor=lambda: _served_predictor(loaded))
     card.metrics |= field
     tracking.log_metrics(run_id, field)
     int8 = evaluate_int8(evaluation, cache, cfg) if cfg.int8 else None
@@ -283,11 +286,62 @@ def candidate_rows(candidates: list[Candidate], home: Home) -> list[dict]:
              "gate": gate_summary_text(c.evaluation)} for c in candidates]
 
 
+def field_rows(candidates: list[Candidate], champion: dict) -> list[dict]:
+    """The `field_*` figures of the champion (`champion_in_field`) and of each candidate
+    (from its card), one row each; [] when nobody has any."""
+    from skinsense.lifecycle.packaging import load_card
+
+    rows = ([{"model": f"champion (version {champion['champion_version']})",
+              **{k: v for k, v in champion.items() if k.startswith("field_")}}]
+            if champion else [])
+    for c in candidates:
+        figures = {k: v for k, v in load_card(c.model_dir).metrics.items()
+                   if k.startswith("field_")}
+        if figures:
+            rows.append({"model": f"candidate {c.arch}", **figures})
+    return rows
+
+
 def select_best(candidates: list[Candidate], metric: str) -> Candidate:
     """The candidate with the highest test `metric` (first listed wins ties)."""
     if not candidates:
         raise ValueError("no trained candidates to choose from")
     return max(candidates, key=lambda c: c.test_metrics[metric])
+
+
+def champion_in_field(cfg: PipelineConfig, home: Home, *, parent_run_id: str) -> dict:
+    """The current champion on the confirmed diagnoses it never trained on, beside the
+    candidates' `field_*` figures: logged on the parent run as `champion.field_*`.
+
+    Returns:
+        {} without a champion, else `champion_version` and its `field_*` figures (only
+        `field_n` with fewer than `eval.field_min_cases` cases; {} without any case).
+    """
+    from skinsense.lifecycle import registry, tracking
+    from skinsense.monitoring.field import field_figures
+    from skinsense.monitoring.monitor import new_confirmed_since
+
+    tracking.configure(home)
+    version = registry.current_champion(cfg.serve.model_name)
+    if version is None:
+        return {}
+    try:
+        if not new_confirmed_since(None):  # no case: no need to download the champion
+            return {}
+        with tempfile.TemporaryDirectory(prefix="skinsense-champion-") as tmp:
+            model_dir = registry.download_model_dir(cfg.serve.model_name, version, Path(tmp))
+            figures = field_figures(model_dir, None, home=home.root,
+                                    min_cases=cfg.eval.field_min_cases,
+                                    n_resamples=cfg.eval.bootstrap_resamples,
+                                    seed=cfg.eval.bootstrap_seed)
+    except Exception:  # noqa: BLE001 - a figure for the report must not stop the run
+        log.exception("no field_* figures for champion version %s", version)
+        return {}
+    if not figures:
+        return {}
+    tracking.log_metrics(parent_run_id, figures, prefix="champion.")
+    tracking.log_params(parent_run_id, {"champion_in_field": version})
+    return {"champion_version": version, **figures}
 
 
 def register_and_promote(best: Candidate, caches: dict[int, ImageCache], cfg: PipelineConfig,

@@ -14,6 +14,11 @@ from skinsense.lifecycle.registry import PromotionDecision
 from skinsense.serving.deploy import Deployment
 
 
+@task(name="champion-in-field")
+def champion_in_field(cfg: PipelineConfig, home: Path, parent_run_id: str) -> dict:
+    return stages.champion_in_field(cfg, Home(home), parent_run_id=parent_run_id)
+
+
 @task(name="register-and-promote")
 def register_and_promote(best: stages.Candidate, caches: dict[int, ImageCache],
                          cfg: PipelineConfig, home: Path, test_key: str,

@@ -40,6 +40,14 @@ def report_metrics(candidates: list[stages.Candidate], home: Path) -> None:
                              description="Test metrics per architecture")
 
 
+@task(name="report-field")
+def report_field(candidates: list[stages.Candidate], champion: dict) -> None:
+    rows = stages.field_rows(candidates, champion)
+    if rows:
+        create_markdown_artifact(reports.field_markdown(rows), key="skinsense-field",
+                                 description="Champion and candidates on confirmed diagnoses")
+
+
 @task(name="report-subgroups")
 def report_subgroups(best: stages.Candidate) -> None:
     create_markdown_artifact(reports.subgroups_markdown(best.arch, best.evaluation),

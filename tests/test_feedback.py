@@ -195,8 +195,10 @@ def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answere
                                                                          arch, size):
     import torch
 
-    from skinsense.lifecycle.packaging import ModelCard, save_model_dir
+    from skinsense.data.extra_sources import feedback_ids_in
+    from skinsense.lifecycle.packaging import ModelCard, load_card, save_card, save_model_dir
     from skinsense.models import build_model
+    from skinsense.monitoring.database import utc_now
     from skinsense.monitoring.field import field_figures
 
     with torch.random.fork_rng():
@@ -212,12 +214,29 @@ def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answere
     source = export_source(answered)
     trained = tmp_path / "train.csv"
     first = pd.read_csv(source.metadata_csv)["image_id"].iloc[0]
-    pd.DataFrame({"image_id": [first]}).to_csv(trained, index=False)
-    assert field_figures(model_dir, trained, home=answered, min_cases=3, n_resamples=100,
-                         seed=0) == {"field_n": 2.0}  # the trained case is left out
-    figures = field_figures(model_dir, trained, home=answered, min_cases=2, n_resamples=200,
+    pd.DataFrame({"image_id": ["ISIC_0024306", first]}).to_csv(trained, index=False)
+    assert feedback_ids_in(trained) == [first]  # HAM10000's images are not confirmed cases
+    assert field_figures(model_dir, feedback_ids_in(trained), home=answered, min_cases=3,
+                         n_resamples=100, seed=0) == {"field_n": 2.0}  # the trained case is out
+    figures = field_figures(model_dir, [first], home=answered, min_cases=2, n_resamples=200,
                             seed=0)
     assert figures["field_n"] == 2.0
     for name in ("accuracy", "balanced_accuracy"):
         value = figures[f"field_{name}"]
         assert 0 <= figures[f"field_{name}_ci_low"] <= value <= figures[f"field_{name}_ci_high"] <= 1
+    # A registered model (the champion) is judged by its card: the ids it records, or, for a
+    # card from before they were recorded, only what was confirmed after it was trained.
+    card = load_card(model_dir)
+    card.trained_feedback_ids = [first]
+    save_card(card, model_dir)
+    assert field_figures(model_dir, None, home=answered, min_cases=9, n_resamples=100,
+                         seed=0) == {"field_n": 2.0}
+    card.trained_feedback_ids = None  # trained before the three cases were confirmed
+    save_card(card, model_dir)
+    assert field_figures(model_dir, None, home=answered, min_cases=9, n_resamples=100,
+                         seed=0) == {"field_n": 3.0}
+    card.trained_at = utc_now().isoformat()  # trained after them: it may have seen them all
+    save_card(card, model_dir)
+    assert field_figures(model_dir, None, home=answered, min_cases=9, n_resamples=100,
+                         seed=0) == {"field_n": 0.0}
+

@@ -153,3 +153,38 @@ def test_the_monitor_flow_writes_its_artifact_and_run_and_emits_the_events(
         assert names >= {"skinsense.drift.detected", "skinsense.feedback.ready"}
         drift = next(e for e in events if e["event"] == "skinsense.drift.detected")
         assert {t["test"] for t in drift["payload"]["tests"]} >= {"class_mix_psi", "ood_rate"}
+
+
+def test_the_pipeline_judges_the_champion_on_confirmed_cases_it_never_trained_on(
+        home, tmp_path_factory):
+    """Issue 21: evaluation reports the champion too (not only the candidates) on the
+    confirmed cases, on the parent run and in the report."""
+    from mlflow import MlflowClient
+    from test_app import MODEL_NAME
+
+    from skinsense import reports, stages
+    from skinsense.config import PipelineConfig
+    from skinsense.monitoring.feedback import add_feedback
+    from skinsense.serving.app import example_images
+    from skinsense.serving.prediction_log import PredictionLog
+
+    _, version, store = register_champion(home, tmp_path_factory)
+    cfg = PipelineConfig.model_validate({"serve": {"model_name": MODEL_NAME},
+                                         "eval": {"field_min_cases": 3,
+                                                  "bootstrap_resamples": 100}})
+    parent = MlflowClient().create_run(store.experiment_id).info.run_id
+    assert stages.champion_in_field(cfg, home, parent_run_id=parent) == {}  # no case yet
+    log = PredictionLog(None, home.root)
+    for path, dx in zip(example_images()[:3], ("mel", "nv", "bcc"), strict=True):
+        log.record(endpoint="assess", image=str(path), latency_ms=1.0, top_class="nv")
+        add_feedback(path, dx=dx, dx_type="histo", entered_by="t", home=home.root)
+    figures = stages.champion_in_field(cfg, home, parent_run_id=parent)
+    assert figures["champion_version"] == version and figures["field_n"] == 3.0
+    assert (0 <= figures["field_accuracy_ci_low"] <= figures["field_accuracy"]
+            <= figures["field_accuracy_ci_high"] <= 1)
+    logged = MlflowClient().get_run(parent).data
+    assert logged.metrics["champion.field_n"] == 3.0
+    assert logged.metrics["champion.field_accuracy"] == figures["field_accuracy"]
+    assert logged.params["champion_in_field"] == version
+    text = reports.field_markdown(stages.field_rows([], figures))
+    assert f"| champion (version {version}) | 3 | {figures['field_accuracy']:.3f} [" in text

@@ -133,5 +133,16 @@ def test_drift_and_feedback_start_retraining_on_the_local_stack(synthetic_sample
         for part in ("val", "test"):
             held_out = pd.read_csv(split_dir / f"{part}.csv")
             assert not held_out["image_id"].str.startswith("FB_").any()
+        # The feedback run's models record the confirmed cases they trained on, and the run
+        # judged the champion (trained before them) on all four.
+        cards = [json.loads(p.read_text()) for p in (root / "runs").rglob("model_card.json")]
+        assert any(c.get("trained_feedback_ids") == sorted(report["added"]) for c in cards)
+        from mlflow import MlflowClient
+
+        tracking = MlflowClient(mlflow_url)
+        judged = [r for r in tracking.search_runs(
+            [tracking.get_experiment_by_name("skinsense").experiment_id])
+            if "champion_in_field" in r.data.params]
+        assert [r.data.metrics["champion.field_n"] for r in judged] == [4.0]
     finally:
         stack.down(root)

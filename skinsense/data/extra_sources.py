@@ -21,6 +21,8 @@ from skinsense.data.metadata import class_counts, load_metadata, write_csv_atomi
 from skinsense.data.records import IMAGE_PATH_COLUMN, SplitData
 
 MANIFEST_NAME = "extra_sources.json"
+# The `feedback` source's image ids start with this (never a HAM10000 id: ISIC_...).
+FEEDBACK_ID_PREFIX = "FB_"
 
 
 class ExtraSource(BaseModel):
@@ -92,3 +94,12 @@ def add_to_training(split: SplitData, sources: list[ExtraSource], out_dir: Path)
     return split.model_copy(update={
         "train_csv": train_csv, "class_counts": counts,
         "extra_sources": {s.name: s.fingerprint for s in sources}})
+
+
+def feedback_ids_in(manifest_csv: Path | None) -> list[str]:
+    """The confirmed cases' image ids in a training manifest (sorted; [] without one): what
+    a model card records as `trained_feedback_ids`."""
+    if manifest_csv is None or not Path(manifest_csv).is_file():
+        return []
+    ids = pd.read_csv(manifest_csv, usecols=["image_id"], dtype={"image_id": str})["image_id"]
+    return sorted(i for i in ids if i.startswith(FEEDBACK_ID_PREFIX))

@@ -44,6 +44,11 @@ class ModelCard(BaseModel):
     dataset_fingerprint: str = ""
     split_seed: int | None = None
     trained_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    trained_feedback_ids: list[str] | None = Field(
+        None, description="Image ids of the confirmed diagnoses (the `feedback` source, "
+        "`data.extra_sources`) in the training part, so that `field_*` figures leave them out "
+        "(skinsense.monitoring.field); None: not recorded (a card from before), and then only "
+        "the cases confirmed after `trained_at` count as never trained on.")
     config: dict[str, Any] = Field(default_factory=dict)
     skinsense_version: str = __version__
     # Set by the evaluation stage. A card written before calibration existed loads with

@@ -23,6 +23,7 @@ import pandas as pd
 import sqlalchemy as sa
 from PIL import Image
 
+from skinsense.data.extra_sources import FEEDBACK_ID_PREFIX
 from skinsense.labels import CLASS_CODES
 from skinsense.monitoring.database import Feedback, Prediction, engine_for, utc_now
 
@@ -114,7 +115,7 @@ def _check_fields(dx: str, dx_type: str, age: float | None, sex: str | None,
 
 
 def image_id_for(sha: str) -> str:
-    return f"FB_{sha[:16]}"
+    return f"{FEEDBACK_ID_PREFIX}{sha[:16]}"
 
 
 def add_feedback(image: bytes | str | Path, *, dx: str, dx_type: str, entered_by: str,

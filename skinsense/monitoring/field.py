@@ -9,7 +9,7 @@ count is reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,17 +81,21 @@ def field_metrics(model_dir: Path, cases: pd.DataFrame, *, trained_image_ids: se
     return out
 
 
-def field_figures(model_dir: Path, train_manifest_csv: Path | None, *, home: Path,
+def field_figures(model_dir: Path, trained_image_ids: Iterable[str] | None, *, home: Path,
                   min_cases: int, n_resamples: int, seed: int,
                   predictor: Callable[[], Predictor] | None = None) -> dict[str, float]:
-    """`field_metrics` on every confirmed case with a kept image, or {} when there is none
-    (or the monitoring database cannot be read: the evaluation does not depend on it)."""
+    """`field_metrics` on every confirmed case with a kept image that is not among
+    `trained_image_ids` (None: the model's card says which: `trained_feedback_ids`, or for a
+    card from before, the cases confirmed after `trained_at`), or {} when there is none (or
+    the monitoring database cannot be read: the evaluation does not depend on it)."""
     import logging
 
     from skinsense.monitoring.feedback import FeedbackError, export_source
 
     try:
         source = export_source(Path(home))
+        trained = (set(trained_image_ids) if trained_image_ids is not None
+                   else _trained_per_card(Path(model_dir)))
     except FeedbackError:
         return {}
     except Exception as exc:  # noqa: BLE001 (a database error must not fail an evaluation)
@@ -99,8 +103,21 @@ def field_figures(model_dir: Path, train_manifest_csv: Path | None, *, home: Pat
         return {}
     cases = pd.read_csv(source.metadata_csv, dtype={"image_id": str, "lesion_id": str})
     cases["image_path"] = [str(source.images_dir / f"{i}.jpg") for i in cases["image_id"]]
-    trained = (set(pd.read_csv(train_manifest_csv, dtype={"image_id": str})["image_id"])
-               if train_manifest_csv is not None and Path(train_manifest_csv).is_file()
-               else set())
     return field_metrics(model_dir, cases, trained_image_ids=trained, min_cases=min_cases,
                          n_resamples=n_resamples, seed=seed, predictor=predictor)
+
+
+def _trained_per_card(model_dir: Path) -> set[str]:
+    """The confirmed cases a model may have trained on, by its card."""
+    from datetime import datetime
+
+    from skinsense.lifecycle.packaging import load_card
+    from skinsense.monitoring.feedback import confirmed_cases, image_id_for
+
+    card = load_card(model_dir)
+    if card.trained_feedback_ids is not None:
+        return set(card.trained_feedback_ids)
+    # A card from before the ids were recorded: whatever was confirmed before it was trained
+    # may be in its training part.
+    earlier = confirmed_cases(until=datetime.fromisoformat(card.trained_at))
+    return set() if earlier.empty else set(earlier["image_sha256"].map(image_id_for))

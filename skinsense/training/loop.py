@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from skinsense.config import TrainConfig
 from skinsense.data.datasets import CachedImageDataset
+from skinsense.data.extra_sources import feedback_ids_in
 from skinsense.data.records import CachedSplit, ImageCache
 from skinsense.labels import NUM_CLASSES
 from skinsense.lifecycle.packaging import ModelCard, save_model_dir
@@ -355,6 +356,7 @@ def _finish(fabric: L.Fabric, cache: ImageCache, arch: str, state: dict, model: 
     if fabric.is_global_zero:
         card = ModelCard(arch=arch, image_size=cache.size,
                          metrics={"val_balanced_accuracy": state["best_score"]},
+                         trained_feedback_ids=feedback_ids_in(cache.train.manifest_csv),
                          **(card_extra or {}))
         save_model_dir(getattr(model, "module", model), card, model_dir)
     fabric.barrier()
