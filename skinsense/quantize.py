@@ -512,8 +512,8 @@ def serving_precision(card: ModelCard, requested: Precision = "auto") -> tuple[s
                   " (never compared with fp32)")
         return "int8", "int8 forced by serve.precision" + judged
     if not verdict:
-        return "fp32", (f"no int8 comparison in the model card ({INT8_FILE} is made and "
-                        f"checked at evaluation)")
+        return "fp32", (f"no int8 comparison in the model card: {INT8_FILE} is made and "
+                        f"checked at evaluation")
     if not verdict.get("serve"):
         return "fp32", str(verdict.get("reason") or "int8 refused at evaluation")
     return "int8", str(verdict.get("reason", ""))
