@@ -141,9 +141,8 @@ def to_monitor_deployment(flow):  # noqa: ANN001, ANN201 (a Prefect flow and its
 
 def to_deployments(flow) -> list:
     """Runner deployments of `flow` (the `skinsense-pipeline` flow) for `prefect.serve`."""
-    from prefect.schedules import Cron
-
     from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
 
     built = []
     for name, spec in DEPLOYMENTS.items():

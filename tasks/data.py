@@ -21,7 +21,6 @@ from skinsense.data.records import (
 )
 from skinsense.paths import Home
 
-
 # The data stages are cached on their inputs (configs and the records of earlier stages,
 # which carry paths and the dataset fingerprint), so a second run with the same parameters
 # reaches training in seconds.

@@ -20,7 +20,12 @@ from skinsense import stages
 from skinsense.config import PipelineConfig
 from skinsense.data.records import ImageCache
 from skinsense.lifecycle.handoff import (
-    TRAIN_DEPLOYMENT, WORK_POOL, ArchRequest, ArchResult, DataHandoff)
+    TRAIN_DEPLOYMENT,
+    WORK_POOL,
+    ArchRequest,
+    ArchResult,
+    DataHandoff,
+)
 from skinsense.paths import Home
 
 

@@ -11,7 +11,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from skinsense.config import MonitorConfig
-from skinsense.monitoring.monitor import DRIFT_EVENT, FEEDBACK_EVENT, MonitorResult, run_monitor
+from skinsense.monitoring.monitor import (
+    DRIFT_EVENT,
+    FEEDBACK_EVENT,
+    MonitorResult,
+    run_monitor,
+)
 from skinsense.paths import Home
 
 

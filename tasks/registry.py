@@ -9,8 +9,8 @@ from prefect import task
 from skinsense import stages
 from skinsense.config import PipelineConfig, ServeConfig
 from skinsense.data.records import ImageCache
-from skinsense.paths import Home
 from skinsense.lifecycle.registry import PromotionDecision
+from skinsense.paths import Home
 from skinsense.serving.deploy import Deployment
 
 

@@ -14,8 +14,8 @@ from prefect.artifacts import (
 from skinsense import reports, stages
 from skinsense.data import duplicates
 from skinsense.data.records import OversampledData, SplitData
-from skinsense.paths import Home
 from skinsense.lifecycle.registry import PromotionDecision
+from skinsense.paths import Home
 
 
 @task(name="report-data")

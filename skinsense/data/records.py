@@ -6,7 +6,6 @@ Prefect tasks return these, so they stay small, picklable and JSON-friendly.
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 from pydantic import BaseModel

@@ -33,8 +33,6 @@ otherwise name, size and mtime (a 2.5 GB zip is not hashed for a key).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import csv
 import hashlib
 import io
@@ -46,6 +44,7 @@ import shutil
 import tempfile
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -37,7 +37,12 @@ import pandas as pd
 from fairlearn.metrics import MetricFrame
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from skinsense.evaluation.bootstrap import NO_FIGURE, Estimate, LesionBootstrap, percentile_interval
+from skinsense.evaluation.bootstrap import (
+    NO_FIGURE,
+    Estimate,
+    LesionBootstrap,
+    percentile_interval,
+)
 from skinsense.trust.referral import is_malignant
 
 ATTRIBUTES: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type")

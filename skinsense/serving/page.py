@@ -18,7 +18,12 @@ from pathlib import Path
 import gradio as gr
 
 from skinsense.config import ServeConfig, skinsense_home
-from skinsense.serving.answers import Answers, answer_updates, unchecked_note, verdict_html
+from skinsense.serving.answers import (
+    Answers,
+    answer_updates,
+    unchecked_note,
+    verdict_html,
+)
 from skinsense.serving.feedback_form import build_feedback_form
 from skinsense.serving.loading import LoadedModel
 from skinsense.serving.prediction_log import PredictionLog

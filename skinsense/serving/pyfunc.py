@@ -34,9 +34,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from skinsense.trust.gate import GateDamagedError
 from skinsense.labels import CLASS_CODES
 from skinsense.serving.predictor import Assessment, Predictor
+from skinsense.trust.gate import GateDamagedError
 
 MODEL_DIR_ARTIFACT = "model_dir"
 GATE_COLUMNS = ("in_domain", "ood_score", "referral", "quality_issue")

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from skinsense.trust.gate import GateDamagedError
 from skinsense.serving.loading import (
     LoadedModel,
     ResolvedModel,
@@ -26,6 +25,7 @@ from skinsense.serving.loading import (
     resolve_model,
     utc_now,
 )
+from skinsense.trust.gate import GateDamagedError
 
 log = logging.getLogger(__name__)
 

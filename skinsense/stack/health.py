@@ -14,7 +14,15 @@ from skinsense.stack import auth as stack_auth
 from skinsense.stack.auth import StackCredentials
 from skinsense.stack.pids import _log_tail, _stop_pid
 from skinsense.stack.services import (
-    LOGIN_TIMEOUT_S, MLFLOW, MODEL_NAME, PREFECT, WORKER, StackError, _client_host, _Service)
+    LOGIN_TIMEOUT_S,
+    MLFLOW,
+    MODEL_NAME,
+    PREFECT,
+    WORKER,
+    StackError,
+    _client_host,
+    _Service,
+)
 
 
 def _http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:

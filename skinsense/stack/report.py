@@ -10,8 +10,15 @@ from skinsense.processes import pid_alive
 from skinsense.stack.health import _http_ok, _worker_online, champion_exists
 from skinsense.stack.pids import _read_pid
 from skinsense.stack.services import (
-    APP, MLFLOW, SERVICES, _home, _known_workers, _recorded_services, _settings,
-    credentials_file)
+    APP,
+    MLFLOW,
+    SERVICES,
+    _home,
+    _known_workers,
+    _recorded_services,
+    _settings,
+    credentials_file,
+)
 
 
 def status(home: Home | Path | str) -> list[dict]:
