@@ -240,3 +240,26 @@ def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answere
     assert field_figures(model_dir, None, home=answered, min_cases=9, n_resamples=100,
                          seed=0) == {"field_n": 0.0}
 
+
+def test_the_log_goes_where_the_stack_says(home, monkeypatch):
+    """`stack up` on Postgres records the log's database in the home (0600); every process
+    of that home uses it, the environment variable overrides it, and `stack up` on SQLite
+    removes it."""
+    from skinsense.monitoring.database import DATABASE_URL_ENV, STACK_URL_FILE
+    from skinsense.monitoring.database import default_database_url as url
+    from skinsense.stack.control import _log_database
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    assert url() == f"sqlite:///{home.root / 'monitoring' / 'monitoring.db'}"
+    recorded = home.root / STACK_URL_FILE
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("postgresql://team:pw@db.example:5432/skinsense\n")
+    assert url() == "postgresql://team:pw@db.example:5432/skinsense"
+    monkeypatch.setenv(DATABASE_URL_ENV, "sqlite:////elsewhere/log.db")
+    assert url() == "sqlite:////elsewhere/log.db"
+    assert _log_database(home, "sqlite:///mlflow.db") == "sqlite:////elsewhere/log.db"
+    assert recorded.exists()  # the variable decides; the file is left alone
+    monkeypatch.delenv(DATABASE_URL_ENV)
+    assert _log_database(home, f"sqlite:///{home.mlflow / 'mlflow.db'}") is None
+    assert not recorded.exists()
+    assert url() == f"sqlite:///{home.root / 'monitoring' / 'monitoring.db'}"

@@ -225,6 +225,11 @@ def test_a_deployment_run_on_postgres_registers_and_promotes(team_stack, synthet
         # The app the run deployed loaded the champion through the login too.
         state = health(f"http://127.0.0.1:{port}")
         assert state is not None and str(state["version"]) == str(champion.version)
+
+        # Issue 21: on Postgres, the app's log and the CLI's confirmed diagnoses go to the
+        # database `skinsense` on the same server (created by `stack up`), found through a
+        # 0600 file of the home, not to SQLite.
+        check_the_log_is_on_postgres(team_stack, f"http://127.0.0.1:{port}")
     finally:
         stop_app(Home(team_stack["root"]).app)
 
@@ -301,3 +306,30 @@ def test_servers_and_runner_recover_from_a_postgres_restart(team_stack, syntheti
         "mlflow", "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
         "WHERE t.key = 'prefect_flow_run_id' AND t.value = %s", (str(created.id),))
     assert parents and all(status == "FINISHED" for (status,) in parents)
+
+
+def check_the_log_is_on_postgres(team_stack, app_url: str) -> None:
+    import sqlalchemy as sa
+    from gradio_client import Client, handle_file
+
+    from skinsense.cli import main
+    from skinsense.serving.app import example_images
+
+    root, postgres = team_stack["root"], team_stack["postgres"]
+    recorded = root / "stack" / "log-database.url"
+    assert stat.S_IMODE(recorded.stat().st_mode) == 0o600
+    assert postgres.password not in (root / "stack" / "stack.json").read_text()
+    assert stack.describe(root)["databases"]["log"].endswith("/skinsense")
+    image = example_images()[0]
+    Client(app_url, verbose=False).predict(handle_file(str(image)), api_name="/assess")
+    assert main(["feedback", "add", str(image), "--dx", "mel", "--dx-type", "histo"]) == 0
+    engine = sa.create_engine(postgres.url("skinsense"))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.text(
+                "SELECT count(*) FROM predictions WHERE endpoint = 'assess'")).scalar() >= 1
+            assert connection.execute(sa.text("SELECT dx FROM feedback")).scalars().all() == \
+                ["mel"]
+    finally:
+        engine.dispose()
+    assert not (root / "monitoring" / "monitoring.db").exists()

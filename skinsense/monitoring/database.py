@@ -1,9 +1,12 @@
 """The monitoring database: every answer of the app (`predictions`) and every confirmed
 diagnosis (`feedback`), through SQLAlchemy, migrated with Alembic.
 
-Where it lives: `$SKINSENSE_LOG_DATABASE_URL` when set (the team stack points it at its
-Postgres: `postgresql://USER:PASSWORD@postgres:5432/skinsense`), else SQLite at
-`SKINSENSE_HOME/monitoring/monitoring.db`. Alembic keeps its revision in the table
+Where it lives: `$SKINSENSE_LOG_DATABASE_URL` when set (docker compose points it at its
+Postgres: `postgresql://USER:PASSWORD@postgres:5432/skinsense`); else the URL in
+`SKINSENSE_HOME/stack/log-database.url`, which `skinsense stack up` writes (0600) when MLflow's
+store is on Postgres: the database `skinsense` on the same server, created there with
+MLflow's login (`ensure_database`), so the app, the flows and the CLI of that home all find
+it; else SQLite at `SKINSENSE_HOME/monitoring/monitoring.db`. Alembic keeps its revision in the table
 `skinsense_alembic_version`, so the log may share a Postgres database with MLflow (whose own
 table is `alembic_version`) without either touching the other's migrations.
 
@@ -24,6 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 DATABASE_URL_ENV = "SKINSENSE_LOG_DATABASE_URL"
 VERSION_TABLE = "skinsense_alembic_version"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Under SKINSENSE_HOME: the log's URL (with its password, 0600) while the stack runs on Postgres.
+STACK_URL_FILE = Path("stack") / "log-database.url"
+LOG_DATABASE = "skinsense"  # the stack's database name on MLflow's Postgres server
 
 
 def utc_now() -> datetime:
@@ -85,7 +91,8 @@ class Feedback(Base):
 
 
 def default_database_url() -> str:
-    """`$SKINSENSE_LOG_DATABASE_URL`, else SQLite under SKINSENSE_HOME/monitoring."""
+    """`$SKINSENSE_LOG_DATABASE_URL`, else the stack's Postgres database (`STACK_URL_FILE`
+    under SKINSENSE_HOME), else SQLite under SKINSENSE_HOME/monitoring."""
     import os
 
     from skinsense.config import skinsense_home
@@ -93,7 +100,32 @@ def default_database_url() -> str:
     url = os.environ.get(DATABASE_URL_ENV)
     if url:
         return url
-    return f"sqlite:///{skinsense_home() / 'monitoring' / 'monitoring.db'}"
+    home = skinsense_home()
+    try:
+        url = (home / STACK_URL_FILE).read_text().strip()
+    except OSError:
+        url = ""
+    return url or f"sqlite:///{home / 'monitoring' / 'monitoring.db'}"
+
+
+def ensure_database(url: str, *, via: str) -> None:
+    """Create the Postgres database of `url` unless it exists, connected as `via` (a URL of
+    another database on the same server whose login may create databases).
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the server refused (e.g. the login lacks CREATEDB).
+    """
+    name = sa.make_url(url).database
+    admin = sa.create_engine(sa.make_url(via), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                        {"n": name}).scalar()
+            if not exists:
+                quoted = admin.dialect.identifier_preparer.quote(name)
+                connection.execute(sa.text(f"CREATE DATABASE {quoted}"))
+    finally:
+        admin.dispose()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 (DB-API connection)

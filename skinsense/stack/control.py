@@ -29,13 +29,35 @@ from skinsense.paths import Home
 from skinsense.stack import auth as stack_auth
 from skinsense.stack.auth import StackCredentials
 from skinsense.stack.health import (
-    _check_logins, _check_reachable, _port_in_use, _wait_healthy, champion_exists)
+    _check_logins,
+    _check_reachable,
+    _port_in_use,
+    _wait_healthy,
+    champion_exists,
+)
 from skinsense.stack.pids import _log_tail, _pid_file_alive, _running, _start, _stop_pid
 from skinsense.stack.report import status
 from skinsense.stack.services import (
-    APP, MLFLOW, PREFECT, RUNNER, SERVICES, WORK_POOL, WORKER, StackError, _databases, _home,
-    _known_workers, _recorded_services, _Service, _services, _settings, _worker_services,
-    credentials_file, project_root, stack_dir)
+    APP,
+    MLFLOW,
+    PREFECT,
+    RUNNER,
+    SERVICES,
+    WORK_POOL,
+    WORKER,
+    StackError,
+    _databases,
+    _home,
+    _known_workers,
+    _recorded_services,
+    _Service,
+    _services,
+    _settings,
+    _worker_services,
+    credentials_file,
+    project_root,
+    stack_dir,
+)
 
 
 def _prepare_pool(runner: _Service, timeout_s: float) -> None:
@@ -121,7 +143,12 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
         # Where the data lives, never a password (the servers get the URLs by environment).
         "databases": databases})
     launcher = _Launcher(services, parts, host, urls, credentials, sdir, timeout_s)
+    starts_mlflow = MLFLOW in parts and not _pid_file_alive(sdir / f"{MLFLOW}.pid")
     _start_servers(launcher, home, stored)
+    if starts_mlflow:
+        # Before the runner and the app start: they find the log's database by this file.
+        databases["log"] = _log_database(home, urls["mlflow"])
+        _record_settings(sdir, {**_settings(home), "databases": databases})
     worker_names = [f"{WORKER}-{i}" for i in range(1, workers + 1)]
     if workers:
         services.update(_worker_services(home, services[RUNNER], services[PREFECT].url, workers))
@@ -155,6 +182,43 @@ def _logins_and_databases(home: Home, host: str, auth: bool, parts: tuple[str, .
     if not auth_on:
         databases.pop("mlflow-auth", None)
     return auth_on, databases
+
+
+def _log_database(home: Home, mlflow_url: str) -> str | None:
+    """Where the prediction log and the confirmed diagnoses go on this stack (masked).
+
+    `$SKINSENSE_LOG_DATABASE_URL` when set (every part inherits it). Else, with MLflow's
+    store on Postgres, the database `skinsense` on the same server, created with MLflow's
+    login when missing, its URL written (0600) where every process of this home looks
+    (`skinsense.monitoring.database.STACK_URL_FILE`). Else SQLite under the home (None).
+
+    Raises:
+        StackError: the database could not be created; says how to make it.
+    """
+    import sqlalchemy as sa
+
+    from skinsense.monitoring import database
+
+    explicit = os.environ.get(database.DATABASE_URL_ENV)
+    recorded = home.root / database.STACK_URL_FILE
+    if explicit:
+        return stack_auth.mask_password(explicit)
+    mlflow = sa.make_url(mlflow_url)
+    if mlflow.get_backend_name() != "postgresql":
+        recorded.unlink(missing_ok=True)
+        return None
+    url = mlflow.set(database=database.LOG_DATABASE).render_as_string(hide_password=False)
+    try:
+        database.ensure_database(url, via=mlflow_url)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StackError(
+            f"the prediction log's database '{database.LOG_DATABASE}' on MLflow's Postgres "
+            f"server ({stack_auth.mask_password(mlflow_url)}) could not be created: "
+            f"{str(exc).splitlines()[0]}. Create it (CREATE DATABASE {database.LOG_DATABASE}) "
+            f"or set {database.DATABASE_URL_ENV} to a database the log may use, then run "
+            f"`stack up` again") from exc
+    stack_auth.write_private(recorded, url + "\n")
+    return stack_auth.mask_password(url)
 
 
 def _credentials(home: Home) -> tuple[StackCredentials, str | None]:
