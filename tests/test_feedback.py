@@ -214,7 +214,9 @@ def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answere
     source = export_source(answered)
     trained = tmp_path / "train.csv"
     first = pd.read_csv(source.metadata_csv)["image_id"].iloc[0]
-    pd.DataFrame({"image_id": ["ISIC_0024306", first]}).to_csv(trained, index=False)
+    # An oversampled training part: a copy of a confirmed case stands for its original.
+    pd.DataFrame({"image_id": ["ISIC_0024306", first, f"{first}_aug0"],
+                  "source_image_id": ["", "", first]}).to_csv(trained, index=False)
     assert feedback_ids_in(trained) == [first]  # HAM10000's images are not confirmed cases
     assert field_figures(model_dir, feedback_ids_in(trained), home=answered, min_cases=3,
                          n_resamples=100, seed=0) == {"field_n": 2.0}  # the trained case is out

@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from skinsense.data.metadata import class_counts, load_metadata, write_csv_atomic
-from skinsense.data.records import IMAGE_PATH_COLUMN, SplitData
+from skinsense.data.records import IMAGE_PATH_COLUMN, SOURCE_IMAGE_COLUMN, SplitData
 
 MANIFEST_NAME = "extra_sources.json"
 # The `feedback` source's image ids start with this (never a HAM10000 id: ISIC_...).
@@ -101,5 +101,9 @@ def feedback_ids_in(manifest_csv: Path | None) -> list[str]:
     a model card records as `trained_feedback_ids`."""
     if manifest_csv is None or not Path(manifest_csv).is_file():
         return []
-    ids = pd.read_csv(manifest_csv, usecols=["image_id"], dtype={"image_id": str})["image_id"]
-    return sorted(i for i in ids if i.startswith(FEEDBACK_ID_PREFIX))
+    manifest = pd.read_csv(manifest_csv, dtype=str)
+    ids = manifest["image_id"]
+    if SOURCE_IMAGE_COLUMN in manifest:  # an oversampled copy stands for its original
+        source = manifest[SOURCE_IMAGE_COLUMN].fillna("")
+        ids = source.where(source != "", ids)
+    return sorted({i for i in ids if i.startswith(FEEDBACK_ID_PREFIX)})
