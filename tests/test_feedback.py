@@ -244,24 +244,30 @@ def test_field_metrics_leave_out_trained_cases_and_give_lesion_intervals(answere
 
 
 def test_the_log_goes_where_the_stack_says(home, monkeypatch):
-    """`stack up` on Postgres records the log's database in the home (0600); every process
-    of that home uses it, the environment variable overrides it, and `stack up` on SQLite
-    removes it."""
+    """`stack up` records the log's database in the home (0600) and every process of that
+    home uses it: beside MLflow's on Postgres, or the environment variable's; `stack up` on
+    SQLite removes it."""
     from skinsense.monitoring.database import DATABASE_URL_ENV, STACK_URL_FILE
     from skinsense.monitoring.database import default_database_url as url
-    from skinsense.stack.control import _log_database
+    from skinsense.stack.control import _prepare_log_database
+    from skinsense.stack.services import log_database_url
 
     monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
     assert url() == f"sqlite:///{home.root / 'monitoring' / 'monitoring.db'}"
+    assert log_database_url("postgresql://team:pw@db.example:5432/mlflow") == \
+        "postgresql://team:pw@db.example:5432/skinsense"
     recorded = home.root / STACK_URL_FILE
     recorded.parent.mkdir(parents=True)
     recorded.write_text("postgresql://team:pw@db.example:5432/skinsense\n")
     assert url() == "postgresql://team:pw@db.example:5432/skinsense"
     monkeypatch.setenv(DATABASE_URL_ENV, "sqlite:////elsewhere/log.db")
     assert url() == "sqlite:////elsewhere/log.db"
-    assert _log_database(home, "sqlite:///mlflow.db") == "sqlite:////elsewhere/log.db"
-    assert recorded.exists()  # the variable decides; the file is left alone
-    monkeypatch.delenv(DATABASE_URL_ENV)
-    assert _log_database(home, f"sqlite:///{home.mlflow / 'mlflow.db'}") is None
+    mlflow = f"sqlite:///{home.mlflow / 'mlflow.db'}"
+    assert log_database_url(mlflow) == "sqlite:////elsewhere/log.db"
+    _prepare_log_database(home, {"log": log_database_url(mlflow), "mlflow": mlflow})
+    monkeypatch.delenv(DATABASE_URL_ENV)  # a shell without the variable finds it too
+    assert url() == "sqlite:////elsewhere/log.db"
+    assert log_database_url(mlflow) is None
+    _prepare_log_database(home, {"log": None, "mlflow": mlflow})
     assert not recorded.exists()
     assert url() == f"sqlite:///{home.root / 'monitoring' / 'monitoring.db'}"

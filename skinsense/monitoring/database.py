@@ -3,10 +3,10 @@ diagnosis (`feedback`), through SQLAlchemy, migrated with Alembic.
 
 Where it lives: `$SKINSENSE_LOG_DATABASE_URL` when set (docker compose points it at its
 Postgres: `postgresql://USER:PASSWORD@postgres:5432/skinsense`); else the URL in
-`SKINSENSE_HOME/stack/log-database.url`, which `skinsense stack up` writes (0600) when MLflow's
-store is on Postgres: the database `skinsense` on the same server, created there with
-MLflow's login (`ensure_database`), so the app, the flows and the CLI of that home all find
-it; else SQLite at `SKINSENSE_HOME/monitoring/monitoring.db`. Alembic keeps its revision in the table
+`SKINSENSE_HOME/stack/log-database.url`, which `skinsense stack up` writes (0600): that
+variable's URL, or with MLflow's store on Postgres the database `skinsense` on the same
+server, created there with MLflow's login (`ensure_database`); so the app, the flows and the
+CLI of that home all find it; else SQLite at `SKINSENSE_HOME/monitoring/monitoring.db`. Alembic keeps its revision in the table
 `skinsense_alembic_version`, so the log may share a Postgres database with MLflow (whose own
 table is `alembic_version`) without either touching the other's migrations.
 

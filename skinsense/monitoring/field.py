@@ -1,8 +1,9 @@
 """`field_*` metrics: a model on the confirmed diagnoses it never trained on.
 
 Confirmed cases come from clinics, not from HAM10000's curated test part, so they show how a
-model does in the field. A case the model trained on (its image id is in the model's training
-manifest, as with `data.extra_sources: [feedback]`) is left out. Intervals resample whole
+model does in the field. A case the model trained on (`data.extra_sources: [feedback]`; its
+image id is in the training manifest, which the card records as `trained_feedback_ids`) is
+left out. Intervals resample whole
 lesions (`skinsense.evaluation.bootstrap.LesionBootstrap`); with fewer than `min_cases` cases only the
 count is reported.
 """

@@ -145,10 +145,8 @@ def up(home: Home | Path | str, *, host: str = "127.0.0.1", prefect_port: int = 
     launcher = _Launcher(services, parts, host, urls, credentials, sdir, timeout_s)
     starts_mlflow = MLFLOW in parts and not _pid_file_alive(sdir / f"{MLFLOW}.pid")
     _start_servers(launcher, home, stored)
-    if starts_mlflow:
-        # Before the runner and the app start: they find the log's database by this file.
-        databases["log"] = _log_database(home, urls["mlflow"])
-        _record_settings(sdir, {**_settings(home), "databases": databases})
+    if starts_mlflow:  # before the runner and the app: they find the log by this file
+        _prepare_log_database(home, urls)
     worker_names = [f"{WORKER}-{i}" for i in range(1, workers + 1)]
     if workers:
         services.update(_worker_services(home, services[RUNNER], services[PREFECT].url, workers))
@@ -175,7 +173,7 @@ def _logins_and_databases(home: Home, host: str, auth: bool, parts: tuple[str, .
     auth_on = (stack_auth.auth_wanted(host, auth, os.environ)
                or (any(running.values()) and previous.get("auth", False)))
     databases = dict(previous.get("databases", {}))
-    for name, keys in ((PREFECT, ("prefect",)), (MLFLOW, ("mlflow", "mlflow-auth"))):
+    for name, keys in ((PREFECT, ("prefect",)), (MLFLOW, ("mlflow", "mlflow-auth", "log"))):
         if not running[name] and name in parts:
             databases |= {k: stack_auth.mask_password(urls[k]) if urls[k] else None
                           for k in keys}
@@ -184,13 +182,12 @@ def _logins_and_databases(home: Home, host: str, auth: bool, parts: tuple[str, .
     return auth_on, databases
 
 
-def _log_database(home: Home, mlflow_url: str) -> str | None:
-    """Where the prediction log and the confirmed diagnoses go on this stack (masked).
-
-    `$SKINSENSE_LOG_DATABASE_URL` when set (every part inherits it). Else, with MLflow's
-    store on Postgres, the database `skinsense` on the same server, created with MLflow's
-    login when missing, its URL written (0600) where every process of this home looks
-    (`skinsense.monitoring.database.STACK_URL_FILE`). Else SQLite under the home (None).
+def _prepare_log_database(home: Home, urls: dict[str, str | None]) -> None:
+    """Make the prediction log's database (`services.log_database_url`) the one every
+    process of this home uses: its URL written (0600) where they look
+    (`skinsense.monitoring.database.STACK_URL_FILE`), so that a shell's `skinsense feedback`
+    finds it too; the `skinsense` database beside MLflow's created when missing. SQLite
+    (None): the file is removed.
 
     Raises:
         StackError: the database could not be created; says how to make it.
@@ -199,26 +196,21 @@ def _log_database(home: Home, mlflow_url: str) -> str | None:
 
     from skinsense.monitoring import database
 
-    explicit = os.environ.get(database.DATABASE_URL_ENV)
-    recorded = home.root / database.STACK_URL_FILE
-    if explicit:
-        return stack_auth.mask_password(explicit)
-    mlflow = sa.make_url(mlflow_url)
-    if mlflow.get_backend_name() != "postgresql":
+    url, recorded = urls["log"], home.root / database.STACK_URL_FILE
+    if url is None:
         recorded.unlink(missing_ok=True)
-        return None
-    url = mlflow.set(database=database.LOG_DATABASE).render_as_string(hide_password=False)
-    try:
-        database.ensure_database(url, via=mlflow_url)
-    except sa.exc.SQLAlchemyError as exc:
-        raise StackError(
-            f"the prediction log's database '{database.LOG_DATABASE}' on MLflow's Postgres "
-            f"server ({stack_auth.mask_password(mlflow_url)}) could not be created: "
-            f"{str(exc).splitlines()[0]}. Create it (CREATE DATABASE {database.LOG_DATABASE}) "
-            f"or set {database.DATABASE_URL_ENV} to a database the log may use, then run "
-            f"`stack up` again") from exc
+        return
+    if not os.environ.get(database.DATABASE_URL_ENV):  # derived: beside MLflow's database
+        try:
+            database.ensure_database(url, via=urls["mlflow"])
+        except sa.exc.SQLAlchemyError as exc:
+            raise StackError(
+                f"the prediction log's database '{database.LOG_DATABASE}' on MLflow's "
+                f"Postgres server ({stack_auth.mask_password(url)}) could not be created: "
+                f"{str(exc).splitlines()[0]}. Create it (CREATE DATABASE "
+                f"{database.LOG_DATABASE}) or set {database.DATABASE_URL_ENV} to a database "
+                f"the log may use, then run `stack up` again") from exc
     stack_auth.write_private(recorded, url + "\n")
-    return stack_auth.mask_password(url)
 
 
 def _credentials(home: Home) -> tuple[StackCredentials, str | None]:

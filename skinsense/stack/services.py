@@ -199,7 +199,8 @@ def _worker_services(home: Home, runner: _Service, prefect_url: str,
 
 def _databases(home: Home, prefect_database_url: str | None, mlflow_backend_store_uri: str | None,
                mlflow_auth_database_uri: str | None) -> dict[str, str | None]:
-    """The three database URLs: argument, else the environment, else SQLite under `home`."""
+    """The database URLs: argument, else the environment, else SQLite under `home`; and the
+    prediction log's (`log_database_url`)."""
     env = os.environ
     urls = {
         "prefect": prefect_database_url or env.get(stack_auth.PREFECT_DATABASE_ENV) or None,
@@ -211,7 +212,24 @@ def _databases(home: Home, prefect_database_url: str | None, mlflow_backend_stor
     for name, url in urls.items():
         if url:
             stack_auth.check_database_url(url, for_=name)
-    return urls
+    return urls | {"log": log_database_url(urls["mlflow"])}
+
+
+def log_database_url(mlflow_url: str) -> str | None:
+    """The prediction log's database on this stack: `$SKINSENSE_LOG_DATABASE_URL`; else,
+    with MLflow's store on Postgres, the database `skinsense` on the same server with the
+    same login; else None (SQLite under SKINSENSE_HOME)."""
+    import sqlalchemy as sa
+
+    from skinsense.monitoring import database
+
+    explicit = os.environ.get(database.DATABASE_URL_ENV)
+    if explicit:
+        return explicit
+    mlflow = sa.make_url(mlflow_url)
+    if mlflow.get_backend_name() != "postgresql":
+        return None
+    return mlflow.set(database=database.LOG_DATABASE).render_as_string(hide_password=False)
 
 
 def _settings(home: Home) -> dict:
