@@ -271,3 +271,18 @@ def test_the_log_goes_where_the_stack_says(home, monkeypatch):
     _prepare_log_database(home, {"log": None, "mlflow": mlflow})
     assert not recorded.exists()
     assert url() == f"sqlite:///{home.root / 'monitoring' / 'monitoring.db'}"
+
+
+def test_the_cli_says_which_database_it_cannot_reach(home, monkeypatch, capsys):
+    from skinsense.cli import main
+    from skinsense.monitoring.database import DATABASE_URL_ENV, STACK_URL_FILE
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    recorded = home.root / STACK_URL_FILE
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("postgresql://team:secret-pw@127.0.0.1:1/skinsense\n")
+    assert main(["feedback", "add", str(REAL[0]), "--dx", "mel", "--dx-type", "histo"]) == 1
+    error = capsys.readouterr().err
+    assert "postgresql://team:***@127.0.0.1:1/skinsense" in error and "secret-pw" not in error
+    assert str(recorded) in error and "cannot be used" in error
+    assert not (home.root / "feedback").exists()  # nothing written

@@ -1,7 +1,8 @@
 """`skinsense feedback ...`: confirmed diagnoses from the command line.
 
 Whoever runs it writes to the monitoring database directly, so its access is the database's
-(the SQLite file under SKINSENSE_HOME, or the Postgres login in SKINSENSE_LOG_DATABASE_URL):
+(the SQLite file under SKINSENSE_HOME, or the Postgres login in SKINSENSE_LOG_DATABASE_URL
+or in the stack's SKINSENSE_HOME/stack/log-database.url):
 the app's login rule is for requests over the network.
 """
 
@@ -16,6 +17,21 @@ from skinsense.monitoring.feedback import DX_TYPES, LOCALIZATIONS, SEXES
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from skinsense.monitoring.database import default_database_url, describe_url, url_origin
+
+    try:
+        return _feedback(args)
+    except sa.exc.OperationalError as exc:  # unreachable or refused: say which and why
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise RuntimeError(
+            f"the monitoring database {describe_url(default_database_url())} (from "
+            f"{url_origin()}) cannot be used: {reason}. Start it, or point "
+            f"SKINSENSE_LOG_DATABASE_URL at one that runs; nothing was written") from exc
+
+
+def _feedback(args: argparse.Namespace) -> int:
     from skinsense.config import skinsense_home
     from skinsense.monitoring.database import default_database_url, describe_url
     from skinsense.monitoring.feedback import add_feedback, confirmed_cases

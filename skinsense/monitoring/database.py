@@ -108,6 +108,20 @@ def default_database_url() -> str:
     return url or f"sqlite:///{home / 'monitoring' / 'monitoring.db'}"
 
 
+def url_origin() -> str:
+    """Where `default_database_url` took the URL from, in words (for error messages)."""
+    import os
+
+    from skinsense.config import skinsense_home
+
+    if os.environ.get(DATABASE_URL_ENV):
+        return f"${DATABASE_URL_ENV}"
+    recorded = skinsense_home() / STACK_URL_FILE
+    if recorded.is_file():
+        return f"{recorded}, written by `skinsense stack up`"
+    return "the default under SKINSENSE_HOME"
+
+
 def ensure_database(url: str, *, via: str) -> None:
     """Create the Postgres database of `url` unless it exists, connected as `via` (a URL of
     another database on the same server whose login may create databases).
